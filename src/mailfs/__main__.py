@@ -1,0 +1,3 @@
+from mailfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Local state: the replicated-file store (RAM over LMDB) and backing-store I/O."""

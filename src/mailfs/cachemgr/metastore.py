@@ -1,0 +1,671 @@
+"""The replicated-file store: RAM over LMDB, with a write-ahead journal and group commit.
+
+Every mutation is one journal record (see records.py). The public methods append the
+record first and then apply it, and replay after a crash applies the same records through
+the same `_apply_*` methods, so the running state and the recovered state cannot differ.
+
+LMDB layout (named databases):
+    files    fid(u64 BE)                  -> packed Attrs
+    chunks   fid(u64 BE) + index(u32 BE)  -> up to CHUNK bytes of content
+    names    dirpath + b"\\0" + name       -> fid(u64 BE); the empty name is the
+                                             "this directory was imported" marker
+    orphans  fid(u64 BE)                  -> b"" for files with nlink 0 still open
+    meta     b"seq", b"next_fid"          -> u64
+
+Atomicity note: everything from a journal append to the end of its `_apply_*` runs on
+the trio thread without an await, so no other request can observe a half-applied
+change. Placing an `await` inside any public mutator breaks that; don't.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import trio
+
+from mailfs.cachemgr.journal import Journal
+from mailfs.cachemgr.records import Attrs, Field, Op, Record
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+FID = struct.Struct(">Q")
+CHUNK_KEY = struct.Struct(">QI")
+U64 = struct.Struct("<Q")
+SEP = b"\0"
+IMPORTED = b""
+
+Overlay = dict[tuple[bytes, bytes], bytes | None]
+
+
+def name_key(dirpath: bytes, name: bytes) -> bytes:
+    return dirpath + SEP + name
+
+
+def nchunks(size: int) -> int:
+    return (size + CHUNK - 1) // CHUNK
+
+
+@dataclass(eq=False)
+class StoredFile:
+    fid: int
+    attrs: Attrs
+    content: bytearray
+    committed_size: int = 0
+    dirty_chunks: set[int] = field(default_factory=set)
+    attrs_dirty: bool = False
+    opens: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.content)
+
+
+@dataclass
+class StoreStats:
+    commits: int = 0
+    commit_seconds: float = 0.0
+    commit_errors: int = 0
+    last_commit_error: str = ""
+    replayed_records: int = 0
+    ram_hits: int = 0
+    ram_misses: int = 0
+    evictions: int = 0
+
+
+def lmdb_errno(exc: lmdb.Error) -> int:
+    if isinstance(exc, lmdb.MapFullError):
+        return errno.ENOSPC
+    text = str(exc).lower()
+    if "no space" in text or "disk full" in text or "quota" in text:
+        return errno.ENOSPC
+    return errno.EIO
+
+
+class MetaStore:
+    def __init__(
+        self,
+        state_dir: Path,
+        ram_budget: int,
+        map_size: int,
+        commit_interval: float,
+        commit_bytes: int,
+    ) -> None:
+        self.state_dir = state_dir
+        self.ram_budget = ram_budget
+        self.commit_interval = commit_interval
+        self.commit_bytes = commit_bytes
+        (state_dir / "lmdb").mkdir(parents=True, exist_ok=True)
+        # sync=True on every commit: LMDB must never be left corrupt by a machine crash,
+        # and group commit already keeps the number of fsyncs low.
+        self.env = lmdb.open(
+            str(state_dir / "lmdb"), map_size=map_size, max_dbs=8, sync=True,
+            metasync=True, readahead=False, lock=True,
+        )
+        self.db_files = self.env.open_db(b"files")
+        self.db_chunks = self.env.open_db(b"chunks")
+        self.db_names = self.env.open_db(b"names")
+        self.db_orphans = self.env.open_db(b"orphans")
+        self.db_meta = self.env.open_db(b"meta")
+        self.dbs = {
+            b"names": self.db_names, b"orphans": self.db_orphans, b"meta": self.db_meta,
+        }
+        self.pending: Overlay = {}
+        self.committing: Overlay = {}
+        self.files: OrderedDict[int, StoredFile] = OrderedDict()
+        self.ram_bytes = 0
+        self.dirty_fids: set[int] = set()
+        self.committing_fids: set[int] = set()
+        self.drops: set[int] = set()  # files whose record and chunks go at the next commit
+        self.stats = StoreStats()
+        self.journal = Journal(state_dir)
+        self._commit_lock = trio.Lock()
+        self._wake = trio.Event()
+        with self.env.begin() as txn:
+            self.committed_seq = self._meta_int(txn, b"seq")
+            self.next_fid = max(1, self._meta_int(txn, b"next_fid"))
+
+    # ---------------------------------------------------------------- startup / shutdown
+
+    def recover(self) -> int:
+        """Replay the journal over LMDB, drop orphans, commit. Returns records replayed."""
+        replayed = 0
+        for record in self.journal.replay(self.committed_seq):
+            self._apply(record)
+            replayed += 1
+        self.stats.replayed_records = replayed
+        for fid in self._orphans():
+            self._apply_drop(fid)
+        self.journal.start(max(self.journal.seq, self.committed_seq))
+        self.commit_now()
+        if replayed:
+            log.info("recovered %d journal records after an unclean stop", replayed)
+        return replayed
+
+    def close(self) -> None:
+        self.journal.close()
+        self.env.close()
+
+    def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
+        raw = txn.get(key, db=self.db_meta)
+        return 0 if raw is None else int(U64.unpack(raw)[0])
+
+    # ---------------------------------------------------------------- overlay reads
+
+    def _get(self, db: bytes, key: bytes) -> bytes | None:
+        slot = (db, key)
+        if slot in self.pending:
+            return self.pending[slot]
+        if slot in self.committing:
+            return self.committing[slot]
+        with self.env.begin(db=self.dbs[db]) as txn:
+            raw = txn.get(key)
+        return None if raw is None else bytes(raw)
+
+    def _scan(self, db: bytes, prefix: bytes) -> dict[bytes, bytes]:
+        """All live keys starting with prefix, LMDB merged with the uncommitted overlay."""
+        found: dict[bytes, bytes] = {}
+        with self.env.begin(db=self.dbs[db]) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    found[bytes(key)] = bytes(value)
+        for layer in (self.committing, self.pending):
+            for (layer_db, key), value in layer.items():
+                if layer_db == db and key.startswith(prefix):
+                    if value is None:
+                        found.pop(key, None)
+                    else:
+                        found[key] = value
+        return found
+
+    def _set(self, db: bytes, key: bytes, value: bytes | None) -> None:
+        self.pending[(db, key)] = value
+
+    def lookup(self, dirpath: bytes, name: bytes) -> int | None:
+        raw = self._get(b"names", name_key(dirpath, name))
+        if not raw:
+            return None
+        return int(FID.unpack(raw)[0])
+
+    def names_in(self, dirpath: bytes) -> dict[bytes, int]:
+        prefix = dirpath + SEP
+        return {
+            key[len(prefix):]: int(FID.unpack(value)[0])
+            for key, value in self._scan(b"names", prefix).items()
+            if value and SEP not in key[len(prefix):]
+        }
+
+    def is_imported(self, dirpath: bytes) -> bool:
+        return self._get(b"names", name_key(dirpath, IMPORTED)) is not None
+
+    def _names_under(self, dirpath: bytes) -> dict[bytes, bytes]:
+        """Name keys in dirpath and every directory below it (for directory renames)."""
+        return {
+            key: value
+            for key, value in self._scan(b"names", dirpath).items()
+            if key[len(dirpath):len(dirpath) + 1] in (SEP, b"/")
+        }
+
+    def _orphans(self) -> list[int]:
+        return [int(FID.unpack(key)[0]) for key in self._scan(b"orphans", b"")]
+
+    # ---------------------------------------------------------------- file cache
+
+    def get(self, fid: int) -> StoredFile:
+        """The file with its content in RAM; raises FileNotFoundError if it is gone."""
+        cached = self.files.get(fid)
+        if cached is not None:
+            self.files.move_to_end(fid)
+            self.stats.ram_hits += 1
+            return cached
+        self.stats.ram_misses += 1
+        key = FID.pack(fid)
+        with self.env.begin() as txn:
+            raw = txn.get(key, db=self.db_files)
+            if raw is None:
+                raise FileNotFoundError(errno.ENOENT, f"replicated file {fid} is gone")
+            attrs = Attrs.unpack(raw)
+            content = bytearray()
+            cursor = txn.cursor(db=self.db_chunks)
+            if cursor.set_range(key):
+                for chunk_key, chunk in cursor:
+                    if not chunk_key.startswith(key):
+                        break
+                    content += chunk
+        del content[attrs.size:]
+        if len(content) < attrs.size:
+            content.extend(bytes(attrs.size - len(content)))
+        stored = StoredFile(fid, attrs, content, committed_size=attrs.size)
+        self._cache(stored)
+        return stored
+
+    def cached(self, fid: int) -> StoredFile | None:
+        return self.files.get(fid)
+
+    def _cache(self, stored: StoredFile) -> None:
+        self.files[stored.fid] = stored
+        self.ram_bytes += stored.size
+
+    def _resize(self, stored: StoredFile, old_size: int) -> None:
+        self.ram_bytes += stored.size - old_size
+
+    def evict(self) -> None:
+        """Drop clean, closed files from RAM, oldest first, until within the budget."""
+        if self.ram_bytes <= self.ram_budget:
+            return
+        for fid in list(self.files):
+            if self.ram_bytes <= self.ram_budget:
+                break
+            stored = self.files[fid]
+            if stored.opens or fid in self.dirty_fids or fid in self.committing_fids:
+                continue
+            del self.files[fid]
+            self.ram_bytes -= stored.size
+            self.stats.evictions += 1
+
+    # ---------------------------------------------------------------- public mutators
+
+    def _log(self, op: Op, *fields: Field) -> None:
+        record = self.journal.append(op, fields)
+        self._apply(record)
+        if self.journal.bytes_since_rotate >= self.commit_bytes:
+            self._wake.set()
+
+    def create(self, dirpath: bytes, name: bytes, mode: int, uid: int, gid: int) -> StoredFile:
+        now = time.time_ns()
+        fid = self.next_fid
+        self._log(Op.CREATE, fid, dirpath, name, Attrs(mode, uid, gid, 1, 0, now, now, now))
+        return self.files[fid]
+
+    def put(self, dirpath: bytes, name: bytes, attrs: Attrs, content: bytes) -> StoredFile:
+        """Install a whole file under a name, replacing what was there (promotion, import)."""
+        fid = self.next_fid
+        self._log(Op.PUT, fid, dirpath, name, attrs, content)
+        return self.files[fid]
+
+    def write(self, stored: StoredFile, offset: int, data: bytes) -> None:
+        self._log(Op.WRITE, stored.fid, offset, time.time_ns(), data)
+
+    def truncate(self, stored: StoredFile, size: int) -> None:
+        self._log(Op.TRUNCATE, stored.fid, size, time.time_ns())
+
+    def set_attrs(self, stored: StoredFile, attrs: Attrs) -> None:
+        self._log(Op.SETATTR, stored.fid, attrs)
+
+    def link(self, fid: int, dirpath: bytes, name: bytes) -> None:
+        self._log(Op.LINK, fid, dirpath, name, time.time_ns())
+
+    def unlink(self, dirpath: bytes, name: bytes) -> None:
+        self._log(Op.UNLINK, dirpath, name, time.time_ns())
+
+    def rename(self, src_dir: bytes, src_name: bytes, dst_dir: bytes, dst_name: bytes) -> None:
+        self._log(Op.RENAME, src_dir, src_name, dst_dir, dst_name, time.time_ns())
+
+    def rename_dir(self, old: bytes, new: bytes) -> None:
+        if self._names_under(old):
+            self._log(Op.RENAME_DIR, old, new)
+
+    def remove_dir(self, dirpath: bytes) -> None:
+        if self.is_imported(dirpath):
+            self._log(Op.REMOVE_DIR, dirpath)
+
+    def mark_imported(self, dirpath: bytes) -> None:
+        self._log(Op.MARK_IMPORTED, dirpath)
+
+    def drop(self, fid: int) -> None:
+        """Forget a file with no names left once nobody has it open."""
+        self._log(Op.DROP, fid)
+
+    # ---------------------------------------------------------------- apply
+
+    def _apply(self, record: Record) -> None:
+        f = record.fields
+        match record.op:
+            case Op.CREATE:
+                self._apply_put(f[0], f[1], f[2], f[3], b"")  # type: ignore[arg-type]
+            case Op.PUT:
+                self._apply_put(f[0], f[1], f[2], f[3], f[4])  # type: ignore[arg-type]
+            case Op.WRITE:
+                self._apply_write(f[0], f[1], f[2], f[3])  # type: ignore[arg-type]
+            case Op.TRUNCATE:
+                self._apply_truncate(f[0], f[1], f[2])  # type: ignore[arg-type]
+            case Op.SETATTR:
+                self._apply_setattr(f[0], f[1])  # type: ignore[arg-type]
+            case Op.LINK:
+                self._apply_link(f[0], f[1], f[2], f[3])  # type: ignore[arg-type]
+            case Op.UNLINK:
+                self._apply_unlink(f[0], f[1], f[2])  # type: ignore[arg-type]
+            case Op.RENAME:
+                self._apply_rename(f[0], f[1], f[2], f[3], f[4])  # type: ignore[arg-type]
+            case Op.RENAME_DIR:
+                self._apply_rename_dir(f[0], f[1])  # type: ignore[arg-type]
+            case Op.DROP:
+                self._apply_drop(f[0])  # type: ignore[arg-type]
+            case Op.MARK_IMPORTED:
+                self._set(b"names", name_key(f[0], IMPORTED), IMPORTED)  # type: ignore[arg-type]
+            case Op.REMOVE_DIR:
+                self._set(b"names", name_key(f[0], IMPORTED), None)  # type: ignore[arg-type]
+
+    def _touch(self, stored: StoredFile) -> None:
+        stored.attrs_dirty = True
+        self.dirty_fids.add(stored.fid)
+
+    def _dirty_range(self, stored: StoredFile, start: int, end: int) -> None:
+        if end > start:
+            stored.dirty_chunks.update(range(start // CHUNK, (end - 1) // CHUNK + 1))
+        self._touch(stored)
+
+    def _apply_put(self, fid: int, dirpath: bytes, name: bytes, attrs: Attrs,
+                   content: bytes) -> None:
+        self.next_fid = max(self.next_fid, fid + 1)
+        attrs = attrs.copy()
+        attrs.nlink = 1
+        attrs.size = len(content)
+        stored = StoredFile(fid, attrs, bytearray(content))
+        self._cache(stored)
+        self._dirty_range(stored, 0, len(content))
+        self._bind(dirpath, name, fid, attrs.ctime_ns)
+
+    def _bind(self, dirpath: bytes, name: bytes, fid: int, ctime_ns: int) -> None:
+        """Point a name at fid; whatever it named before loses a link."""
+        key = name_key(dirpath, name)
+        old = self._get(b"names", key)
+        self._set(b"names", key, FID.pack(fid))
+        if old:
+            self._lose_link(int(FID.unpack(old)[0]), ctime_ns)
+
+    def _lose_link(self, fid: int, ctime_ns: int) -> None:
+        try:
+            stored = self.get(fid)
+        except FileNotFoundError:
+            return
+        stored.attrs.nlink = max(0, stored.attrs.nlink - 1)
+        stored.attrs.ctime_ns = ctime_ns
+        self._touch(stored)
+        if stored.attrs.nlink == 0:
+            self._set(b"orphans", FID.pack(fid), b"")
+
+    def _apply_write(self, fid: int, offset: int, mtime_ns: int, data: bytes) -> None:
+        stored = self.get(fid)
+        old_size = stored.size
+        end = offset + len(data)
+        if offset > old_size:
+            stored.content.extend(bytes(offset - old_size))
+        stored.content[offset:end] = data
+        stored.attrs.size = stored.size
+        stored.attrs.mtime_ns = stored.attrs.ctime_ns = mtime_ns
+        self._resize(stored, old_size)
+        self._dirty_range(stored, min(offset, old_size), end)
+
+    def _apply_truncate(self, fid: int, size: int, mtime_ns: int) -> None:
+        stored = self.get(fid)
+        old_size = stored.size
+        if size < old_size:
+            del stored.content[size:]
+        else:
+            stored.content.extend(bytes(size - old_size))
+        stored.attrs.size = size
+        stored.attrs.mtime_ns = stored.attrs.ctime_ns = mtime_ns
+        self._resize(stored, old_size)
+        self._dirty_range(stored, min(size, old_size), max(size, old_size))
+
+    def _apply_setattr(self, fid: int, attrs: Attrs) -> None:
+        stored = self.get(fid)
+        size, nlink = stored.attrs.size, stored.attrs.nlink
+        stored.attrs = attrs.copy()
+        stored.attrs.size, stored.attrs.nlink = size, nlink
+        self._touch(stored)
+
+    def _apply_link(self, fid: int, dirpath: bytes, name: bytes, ctime_ns: int) -> None:
+        stored = self.get(fid)
+        if stored.attrs.nlink == 0:
+            self._set(b"orphans", FID.pack(fid), None)
+        stored.attrs.nlink += 1
+        stored.attrs.ctime_ns = ctime_ns
+        self._touch(stored)
+        self._bind(dirpath, name, fid, ctime_ns)
+
+    def _apply_unlink(self, dirpath: bytes, name: bytes, ctime_ns: int) -> None:
+        key = name_key(dirpath, name)
+        old = self._get(b"names", key)
+        if not old:
+            return
+        self._set(b"names", key, None)
+        self._lose_link(int(FID.unpack(old)[0]), ctime_ns)
+
+    def _apply_rename(self, src_dir: bytes, src_name: bytes, dst_dir: bytes, dst_name: bytes,
+                      ctime_ns: int) -> None:
+        src_key = name_key(src_dir, src_name)
+        moving = self._get(b"names", src_key)
+        if not moving:
+            return
+        if self._get(b"names", name_key(dst_dir, dst_name)) == moving:
+            return  # both names are links to one file: POSIX says do nothing
+        self._set(b"names", src_key, None)
+        self._bind(dst_dir, dst_name, int(FID.unpack(moving)[0]), ctime_ns)
+
+    def _apply_rename_dir(self, old: bytes, new: bytes) -> None:
+        for key, value in self._names_under(old).items():
+            self._set(b"names", new + key[len(old):], value)
+            self._set(b"names", key, None)
+
+    def _apply_drop(self, fid: int) -> None:
+        stored = self.files.pop(fid, None)
+        if stored is not None:
+            self.ram_bytes -= stored.size
+        self.dirty_fids.discard(fid)
+        self.drops.add(fid)
+        self._set(b"orphans", FID.pack(fid), None)
+
+    # ---------------------------------------------------------------- commit
+
+    def wake_committer(self) -> None:
+        self._wake.set()
+
+    async def run_committer(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.commit_interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            with contextlib.suppress(OSError):  # logged and counted; retried next round
+                await self.commit()
+            self.evict()
+
+    async def sync(self) -> None:
+        """Return once everything written so far is committed to LMDB (fsync semantics)."""
+        target = self.journal.seq
+        async with self._commit_lock:
+            if self.committed_seq >= target:
+                return
+            await self._commit_locked()
+
+    async def commit(self) -> None:
+        async with self._commit_lock:
+            await self._commit_locked()
+
+    def commit_now(self) -> None:
+        """Commit synchronously; only for startup and shutdown, when nothing else runs."""
+        batch = self._prepare_batch()
+        if batch is None:
+            return
+        try:
+            self._write_txn(batch)
+        except OSError:
+            self._batch_failed(batch)
+            raise
+        self._batch_done(batch)
+
+    async def _commit_locked(self) -> None:
+        batch = self._prepare_batch()
+        if batch is None:
+            return
+        started = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(self._write_txn, batch)
+        except OSError:
+            self._batch_failed(batch)
+            raise
+        self._batch_done(batch)
+        self.stats.commit_seconds += time.monotonic() - started
+
+    def _prepare_batch(self) -> Batch | None:
+        if (self.journal.seq == self.committed_seq and not self.pending
+                and not self.dirty_fids and not self.drops):
+            return None
+        generation = self.journal.rotate()
+        batch = Batch(seq=self.journal.seq, generation=generation, overlay=self.pending,
+                      drops=self.drops, next_fid=self.next_fid)
+        self.pending, self.drops = {}, set()
+        self.committing = batch.overlay
+        for fid in self.dirty_fids:
+            stored = self.files[fid]
+            batch.files.append(FileImage.capture(stored))
+            stored.dirty_chunks = set()
+            stored.attrs_dirty = False
+        self.committing_fids = set(self.dirty_fids)
+        self.dirty_fids = set()
+        return batch
+
+    def _write_txn(self, batch: Batch) -> None:
+        try:
+            with self.env.begin(write=True) as txn:
+                for (db, key), value in batch.overlay.items():
+                    if value is None:
+                        txn.delete(key, db=self.dbs[db])
+                    else:
+                        txn.put(key, value, db=self.dbs[db])
+                for fid in batch.drops:
+                    self._delete_file(txn, fid)
+                for image in batch.files:
+                    image.write(txn, self.db_files, self.db_chunks)
+                txn.put(b"seq", U64.pack(batch.seq), db=self.db_meta)
+                txn.put(b"next_fid", U64.pack(batch.next_fid), db=self.db_meta)
+        except lmdb.Error as exc:
+            code = lmdb_errno(exc)
+            raise OSError(code, f"LMDB commit failed: {exc}") from exc
+
+    def _delete_file(self, txn: lmdb.Transaction, fid: int) -> None:
+        key = FID.pack(fid)
+        txn.delete(key, db=self.db_files)
+        cursor = txn.cursor(db=self.db_chunks)
+        # delete() moves the cursor to the next item, so loop on the current key.
+        if cursor.set_range(key):
+            while cursor.key()[:8] == key and cursor.delete():
+                pass
+
+    def _batch_done(self, batch: Batch) -> None:
+        self.committing = {}
+        self.committing_fids = set()
+        self.committed_seq = batch.seq
+        for image in batch.files:
+            stored = self.files.get(image.fid)
+            if stored is not None:
+                stored.committed_size = image.size
+        self.journal.remove_through(batch.generation)
+        self.stats.commits += 1
+        if self.stats.last_commit_error:
+            log.warning("LMDB commits work again")
+            self.stats.last_commit_error = ""
+
+    def _batch_failed(self, batch: Batch) -> None:
+        batch.overlay.update(self.pending)
+        self.pending = batch.overlay
+        self.committing = {}
+        self.drops |= batch.drops
+        for image in batch.files:
+            stored = self.files.get(image.fid)
+            if stored is not None:
+                stored.dirty_chunks |= image.chunk_indexes
+                stored.attrs_dirty = True
+                self.dirty_fids.add(image.fid)
+        self.committing_fids = set()
+        self.stats.commit_errors += 1
+        self.stats.last_commit_error = "commit failed (see log)"
+        log.error("LMDB commit of %d changes failed; they stay in RAM and the journal",
+                  batch.seq - self.committed_seq)
+
+    # ---------------------------------------------------------------- status
+
+    def counts(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            files = txn.stat(self.db_files)["entries"]
+            names = txn.stat(self.db_names)["entries"]
+        info = self.env.info()
+        stat = self.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        return {
+            "replicated_files": int(files),
+            "replicated_names": int(names),
+            "lmdb_bytes": int(used),
+            "lmdb_map_bytes": int(info["map_size"]),
+            "ram_cache_files": len(self.files),
+            "ram_cache_bytes": self.ram_bytes,
+            "ram_budget_bytes": self.ram_budget,
+            "dirty_files": len(self.dirty_fids),
+            "journal_bytes": self.journal.size(),
+            "journal_seq": self.journal.seq,
+            "committed_seq": self.committed_seq,
+        }
+
+    def all_files(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """(dirpath, name, fid) for every replicated name (for export)."""
+        for key, value in self._scan(b"names", b"").items():
+            if not value:
+                continue
+            dirpath, _, name = key.rpartition(SEP)
+            yield dirpath, name, int(FID.unpack(value)[0])
+
+
+@dataclass
+class FileImage:
+    """The bytes of one dirty file as they were when its commit began."""
+
+    fid: int
+    attrs: bytes
+    size: int
+    chunks: dict[int, bytes]
+    stale_chunks: range
+    chunk_indexes: set[int]
+
+    @classmethod
+    def capture(cls, stored: StoredFile) -> FileImage:
+        size = stored.size
+        live = nchunks(size)
+        chunks = {
+            index: bytes(stored.content[index * CHUNK:(index + 1) * CHUNK])
+            for index in stored.dirty_chunks if index < live
+        }
+        stale = range(live, max(live, nchunks(stored.committed_size)))
+        return cls(stored.fid, stored.attrs.pack(), size, chunks, stale,
+                   set(stored.dirty_chunks))
+
+    def write(self, txn: lmdb.Transaction, db_files: object, db_chunks: object) -> None:
+        txn.put(FID.pack(self.fid), self.attrs, db=db_files)
+        for index, data in self.chunks.items():
+            txn.put(CHUNK_KEY.pack(self.fid, index), data, db=db_chunks)
+        for index in self.stale_chunks:
+            txn.delete(CHUNK_KEY.pack(self.fid, index), db=db_chunks)
+
+
+@dataclass
+class Batch:
+    seq: int
+    generation: int
+    overlay: Overlay
+    drops: set[int]
+    next_fid: int
+    files: list[FileImage] = field(default_factory=list)

@@ -1,0 +1,170 @@
+"""Journal records: the changes made to replicated files, and their byte encoding.
+
+No I/O here. A record is encoded as
+    u32 length | u64 xxh3 of the body | body
+and the body is
+    u64 seq | u8 op | fields...
+Byte strings inside the body are u32-length-prefixed. The same change records are what
+replication streams to peers, so they name files by file id and paths by directory + name.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import xxhash
+
+HEADER = struct.Struct("<IQ")
+SEQ_OP = struct.Struct("<QB")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+ATTRS = struct.Struct("<IIIIQqqq")
+MAX_RECORD = 1 << 30
+
+
+class Op(enum.IntEnum):
+    CREATE = 1
+    WRITE = 2
+    TRUNCATE = 3
+    SETATTR = 4
+    LINK = 5
+    UNLINK = 6
+    RENAME = 7
+    RENAME_DIR = 8
+    DROP = 9
+    PUT = 10
+    MARK_IMPORTED = 11
+    REMOVE_DIR = 12
+
+
+@dataclass(slots=True)
+class Attrs:
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+    def pack(self) -> bytes:
+        return ATTRS.pack(
+            self.mode, self.uid, self.gid, self.nlink, self.size,
+            self.atime_ns, self.mtime_ns, self.ctime_ns,
+        )
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> Attrs:
+        return cls(*ATTRS.unpack(raw))
+
+    def copy(self) -> Attrs:
+        return Attrs(
+            self.mode, self.uid, self.gid, self.nlink, self.size,
+            self.atime_ns, self.mtime_ns, self.ctime_ns,
+        )
+
+
+# Field layouts per op: "q" = u64, "b" = bytes, "a" = Attrs.
+LAYOUT: dict[Op, str] = {
+    Op.CREATE: "qbba",      # fid, dirpath, name, attrs
+    Op.WRITE: "qqqb",       # fid, offset, mtime_ns, data
+    Op.TRUNCATE: "qqq",     # fid, size, mtime_ns
+    Op.SETATTR: "qa",       # fid, attrs
+    Op.LINK: "qbbq",        # fid, dirpath, name, ctime_ns
+    Op.UNLINK: "bbq",       # dirpath, name, ctime_ns
+    Op.RENAME: "bbbbq",     # src dir, src name, dst dir, dst name, ctime_ns
+    Op.RENAME_DIR: "bb",    # old dirpath, new dirpath
+    Op.DROP: "q",           # fid
+    Op.PUT: "qbbab",        # fid, dirpath, name, attrs, content
+    Op.MARK_IMPORTED: "b",  # dirpath
+    Op.REMOVE_DIR: "b",     # dirpath
+}
+
+Field = int | bytes | Attrs
+
+
+class CorruptRecord(ValueError):
+    """A record whose checksum or structure is wrong; nothing in it may be applied."""
+
+
+@dataclass(slots=True)
+class Record:
+    seq: int
+    op: Op
+    fields: tuple[Field, ...]
+
+
+def encode(record: Record) -> bytes:
+    parts = [SEQ_OP.pack(record.seq, record.op)]
+    for kind, value in zip(LAYOUT[record.op], record.fields, strict=True):
+        if kind == "q":
+            assert isinstance(value, int)
+            parts.append(U64.pack(value))
+        elif kind == "b":
+            assert isinstance(value, bytes | bytearray | memoryview)
+            parts.append(U32.pack(len(value)))
+            parts.append(bytes(value))
+        else:
+            assert isinstance(value, Attrs)
+            parts.append(value.pack())
+    body = b"".join(parts)
+    return HEADER.pack(len(body), xxhash.xxh3_64_intdigest(body)) + body
+
+
+def decode_body(body: bytes | memoryview) -> Record:
+    view = memoryview(body)
+    try:
+        seq, op_value = SEQ_OP.unpack_from(view, 0)
+        op = Op(op_value)
+    except (struct.error, ValueError) as exc:
+        raise CorruptRecord(f"bad record head: {exc}") from exc
+    pos = SEQ_OP.size
+    fields: list[Field] = []
+    try:
+        for kind in LAYOUT[op]:
+            if kind == "q":
+                fields.append(U64.unpack_from(view, pos)[0])
+                pos += 8
+            elif kind == "b":
+                (length,) = U32.unpack_from(view, pos)
+                pos += 4
+                if pos + length > len(view):
+                    raise CorruptRecord("byte field runs past the record")
+                fields.append(bytes(view[pos:pos + length]))
+                pos += length
+            else:
+                fields.append(Attrs.unpack(view[pos:pos + ATTRS.size]))
+                pos += ATTRS.size
+    except struct.error as exc:
+        raise CorruptRecord(f"truncated {op.name} record") from exc
+    if pos != len(view):
+        raise CorruptRecord(f"{len(view) - pos} stray bytes after {op.name} record")
+    return Record(seq, op, tuple(fields))
+
+
+def decode_stream(data: bytes) -> Iterator[Record]:
+    """Decode records until the data ends or a record is torn or corrupt.
+
+    A torn tail is normal after a machine crash (the journal is not fsync'd), so the
+    caller learns where decoding stopped from `DecodeResult`-style iteration: records
+    are yielded in order and iteration simply ends at the first bad one; a
+    CorruptRecord is raised only for a checksum mismatch in a complete record.
+    """
+    view = memoryview(data)
+    pos = 0
+    while pos + HEADER.size <= len(view):
+        length, checksum = HEADER.unpack_from(view, pos)
+        if length > MAX_RECORD:
+            raise CorruptRecord(f"record length {length} exceeds the limit")
+        end = pos + HEADER.size + length
+        if end > len(view):
+            return  # torn tail
+        body = view[pos + HEADER.size:end]
+        if xxhash.xxh3_64_intdigest(body) != checksum:
+            raise CorruptRecord(f"checksum mismatch at byte {pos}")
+        yield decode_body(body)
+        pos = end

@@ -1,0 +1,286 @@
+"""mailfs mount | umount | flush | status | import | export, and mount.mailfs for fstab.
+
+User errors print one line on stderr and exit 1; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mailfs import __version__, control
+from mailfs.config import Config, apply_overrides, build, control_socket_for
+from mailfs.errors import UserError
+
+EXIT_USER_ERROR = 1
+DEFAULT_CONFIG = Path("/etc/mailfs/mailfs.toml")
+DEFAULT_RUN_DIR = Path("/run/mailfs")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mailfs", description=__doc__.splitlines()[0])
+    top.add_argument("--version", action="version", version=f"mailfs {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    mount = sub.add_parser("mount", help="mount a mailfs overlay over a backing path")
+    mount.add_argument("backing", type=Path)
+    mount.add_argument("mountpoint", type=Path)
+    mount.add_argument("--config", type=Path, help=f"TOML config (default {DEFAULT_CONFIG} "
+                                                   "if it exists)")
+    mount.add_argument("--state-dir", type=Path, help="LMDB and journal directory")
+    mount.add_argument("--run-dir", type=Path, help="where the control socket goes")
+    mount.add_argument("--ram-budget", help="RAM for cached index files, e.g. 256M")
+    mount.add_argument("--foreground", "-f", action="store_true",
+                       help="stay in the foreground and log to stderr")
+    mount.add_argument("--log-file", type=Path,
+                       help="log file in background mode (default STATE_DIR/mailfs.log)")
+    mount.add_argument("--debug", action="store_true", help="log every request")
+    mount.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config key, e.g. -o index_timeout=60")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    for name, text in (("umount", "flush, unmount, and wait until the data is safe"),
+                       ("flush", "commit everything to LMDB and wait for it"),
+                       ("status", "show counts, sizes, cache use and health"),
+                       ("import", "adopt index files already on the backing path"),
+                       ("export", "write all index files back to the backing path")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("mountpoint", type=Path)
+        cmd.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "umount":
+            cmd.add_argument("--timeout", type=float, default=300.0,
+                             help="seconds to wait for the daemon to finish")
+    return top
+
+
+def parse_options(options: Sequence[str]) -> dict[str, str]:
+    result = {}
+    for option in options:
+        for item in option.split(","):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UserError(f"option {item!r} must look like key=value")
+            result[key.strip()] = value.strip()
+    return result
+
+
+def mount_config(args: argparse.Namespace) -> Config:
+    options = parse_options(args.option)
+    config_file = args.config or (Path(options.pop("config")) if "config" in options else None)
+    if config_file is None and DEFAULT_CONFIG.exists():
+        config_file = DEFAULT_CONFIG
+    values: dict[str, object] = {
+        "backing": args.backing.absolute(), "mountpoint": args.mountpoint.absolute(),
+    }
+    apply_overrides(values, options)
+    if args.state_dir:
+        values["state_dir"] = args.state_dir.absolute()
+    if args.run_dir:
+        values["run_dir"] = args.run_dir.absolute()
+    if args.ram_budget:
+        apply_overrides(values, {"ram_budget": args.ram_budget})
+    if args.debug:
+        values["log_level"] = "DEBUG"
+    return build(config_file, values)
+
+
+def setup_logging(level: str, log_file: Path | None = None) -> None:
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if level != "DEBUG":
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    config = mount_config(args)
+    if args.foreground:
+        from mailfs import daemon
+
+        setup_logging(config.log_level)
+        try:
+            return daemon.run(config, args.ready_fd)
+        except UserError as exc:
+            if args.ready_fd is not None:
+                daemon.report_ready(args.ready_fd, f"error: {exc}")
+            raise
+    return spawn_background(args, config)
+
+
+def spawn_background(args: argparse.Namespace, config: Config) -> int:
+    """Start the daemon detached and return once it is mounted (or report why not)."""
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_file = args.log_file or config.state_dir / "mailfs.log"
+    read_end, write_end = os.pipe()
+    argv = [
+        sys.executable, "-m", "mailfs", "mount", str(config.backing), str(config.mountpoint),
+        "--state-dir", str(config.state_dir), "--run-dir", str(config.run_dir),
+        "--foreground", "--ready-fd", str(write_end),
+        *(["--config", str(args.config)] if args.config else []),
+        *[f"-o{o}" for o in args.option],
+        *(["--ram-budget", args.ram_budget] if args.ram_budget else []),
+        *(["--debug"] if args.debug else []),
+    ]
+    with open(log_file, "ab") as log:
+        child = subprocess.Popen(argv, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=log, start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        answer = ready.readline().decode(errors="replace").strip()
+    if answer == "ok":
+        return 0
+    if answer.startswith("error: "):
+        raise UserError(answer[len("error: "):])
+    child.wait(timeout=30)
+    raise UserError(f"mailfs daemon exited with {child.returncode} before mounting; "
+                    f"see {log_file}")
+
+
+def socket_path(args: argparse.Namespace) -> Path:
+    if os.geteuid() != 0:
+        raise UserError("mailfs admin commands must run as root")
+    return control_socket_for(args.run_dir, args.mountpoint)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = control.call(socket_path(args), "status")
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print_status(status)
+    return 0
+
+
+def print_status(status: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mailfs {status['mountpoint']}", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    sizes = {k for k in status if k.endswith("_bytes")}
+    for key, value in status.items():
+        shown = human_size(value) if key in sizes and isinstance(value, int) else str(value)
+        table.add_row(key.replace("_", " "), shown)
+    Console().print(table)
+
+
+def human_size(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    result = control.call(socket_path(args), "flush")
+    print(f"flushed: committed through change {result['committed_seq']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    result = control.call(socket_path(args), "import")
+    print(f"imported {result['imported']} index files")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    result = control.call(socket_path(args), "export")
+    print(f"exported {result['exported']} index files to the backing path")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    path = socket_path(args)
+    pid = int(control.call(path, "status")["pid"])
+    control.call(path, "flush")
+    result = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise UserError(f"cannot unmount {args.mountpoint}: {reason}")
+    deadline = time.monotonic() + args.timeout
+    while os.path.exists(f"/proc/{pid}") and not is_zombie(pid):
+        if time.monotonic() > deadline:
+            raise UserError(f"unmounted, but the daemon (pid {pid}) did not finish within "
+                            f"{args.timeout:.0f}s; its data is in its journal")
+        time.sleep(0.05)
+    return 0
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "flush": cmd_flush,
+            "status": cmd_status, "import": cmd_import, "export": cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"mailfs: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def mount_helper_main(argv: Sequence[str] | None = None) -> int:
+    """mount.mailfs BACKING MOUNTPOINT [-o opts]: what mount(8) calls for fstab entries.
+
+    mount(8) passes generic options (rw, noauto, _netdev, ...) along with ours; the
+    generic ones are mount(8)'s business, so drop them.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    generic = {"rw", "ro", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+               "defaults", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime",
+               "noatime", "relatime"}
+    positional: list[str] = []
+    options: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "-o" and index + 1 < len(args):
+            options.extend(o for o in args[index + 1].split(",")
+                           if o and o not in generic and not o.startswith("x-"))
+            index += 2
+            continue
+        if arg in ("-n", "-s", "-v", "-f"):  # mount(8) flags that carry no meaning here
+            index += 1
+            continue
+        positional.append(arg)
+        index += 1
+    if len(positional) != 2:
+        print("usage: mount.mailfs BACKING MOUNTPOINT [-o key=value,...]", file=sys.stderr)
+        return EXIT_USER_ERROR
+    forwarded = ["mount", *positional]
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in ("state_dir", "config", "run_dir"):
+            forwarded += [f"--{key.replace('_', '-')}", value]
+        else:
+            forwarded += ["-o", option]
+    return main(forwarded)

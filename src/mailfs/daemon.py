@@ -1,0 +1,197 @@
+"""Put a mount together, run it, and take it down in a fixed order.
+
+Startup: lock the state dir, recover LMDB from the journal, mount, then report ready.
+Shutdown (after the kernel unmounts us or SIGTERM): stop background tasks, commit
+everything, close LMDB. The state-dir lock keeps two daemons off one LMDB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from mailfs import __version__
+from mailfs.cachemgr.backing import Backing
+from mailfs.cachemgr.metastore import MetaStore
+from mailfs.config import Config
+from mailfs.control import ControlServer
+from mailfs.errors import UserError
+from mailfs.fs.classifier import Classifier
+from mailfs.fs.core import MailFS, Timeouts
+from mailfs.fs.operations import Operations
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def state_dir_lock(state_dir: Path) -> Iterator[None]:
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"state dir {state_dir} is in use by another mailfs mount") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_paths(config: Config) -> None:
+    if os.geteuid() != 0:
+        raise UserError("mailfs must run as root (it mounts with allow_other and sets owners)")
+    if not config.backing.is_dir():
+        raise UserError(f"backing path {config.backing} does not exist or is not a directory")
+    if not config.mountpoint.is_dir():
+        raise UserError(f"mountpoint {config.mountpoint} does not exist or is not a directory")
+    if os.path.ismount(config.mountpoint):
+        raise UserError(f"mountpoint {config.mountpoint} is already in use by another mount")
+    if os.path.realpath(config.backing) == os.path.realpath(config.mountpoint):
+        raise UserError("backing path and mountpoint must differ")
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.store = MetaStore(
+            config.state_dir, config.ram_budget, config.lmdb_map_size,
+            config.commit_interval, config.commit_bytes,
+        )
+        self.backing = Backing(config.backing, config.backing_threads, config.backing_timeout)
+        self.fs = MailFS(
+            self.store, self.backing, Classifier(config.replicated, config.volatile),
+            Timeouts(config.index_timeout, config.passthrough_timeout),
+            import_on_access=config.import_on_access,
+        )
+
+    def status(self) -> dict[str, Any]:
+        backing = self.backing.stats
+        store = self.store.stats
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "mountpoint": str(self.config.mountpoint),
+            "backing": str(self.config.backing),
+            "state_dir": str(self.config.state_dir),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            **self.store.counts(),
+            **self.fs.counts(),
+            "ram_hits": store.ram_hits,
+            "ram_misses": store.ram_misses,
+            "evictions": store.evictions,
+            "commits": store.commits,
+            "commit_errors": store.commit_errors,
+            "last_commit_error": store.last_commit_error,
+            "replayed_records": store.replayed_records,
+            "backing_calls": backing.calls,
+            "backing_errors": backing.errors,
+            "backing_timeouts": backing.timeouts,
+            "backing_healthy": self.backing.healthy(),
+            "healthy": self.backing.healthy() and not store.last_commit_error,
+        }
+
+    async def _flush(self, _request: dict[str, Any]) -> dict[str, Any]:
+        await self.store.sync()
+        return {"committed_seq": self.store.committed_seq}
+
+    async def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _import(self, _request: dict[str, Any]) -> dict[str, Any]:
+        imported = await self.fs.import_tree()
+        await self.store.sync()
+        return {"imported": imported}
+
+    async def _export(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {"exported": await self.fs.export_tree()}
+
+    async def main(self, ready_fd: int | None, control_socket: Path) -> None:
+        control = ControlServer(control_socket, {
+            "status": self._status, "flush": self._flush,
+            "import": self._import, "export": self._export,
+        })
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run_committer)
+            await nursery.start(control.serve)
+            nursery.start_soon(self._watch_signals)
+            if self.config.metrics_port:
+                from mailfs.metrics import serve_metrics
+                serve_metrics(self.config.metrics_port, self.status)
+            report_ready(ready_fd, "ok")
+            log.info("mailfs %s mounted %s over %s", __version__, self.config.mountpoint,
+                     self.config.backing)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True):
+            await self.store.commit()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("got signal %d: committing and unmounting", signum)
+                await self.store.commit()
+                pyfuse3.terminate()
+
+
+def report_ready(ready_fd: int | None, message: str) -> None:
+    if ready_fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(ready_fd, message.encode() + b"\n")
+        os.close(ready_fd)
+
+
+def mount_options(config: Config) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname=mailfs:{config.backing}", "subtype=mailfs", "noatime"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def run(config: Config, ready_fd: int | None = None) -> int:
+    check_paths(config)
+    # Resolved before mounting: once mounted, resolving the mountpoint would call into
+    # this very daemon before it serves requests, and hang.
+    control_socket = config.control_socket()
+    with state_dir_lock(config.state_dir):
+        daemon = Daemon(config)
+        try:
+            daemon.store.recover()
+        except OSError as exc:
+            daemon.store.close()
+            raise UserError(f"cannot recover the state in {config.state_dir}: {exc}") from None
+        try:
+            pyfuse3.init(Operations(daemon.fs), str(config.mountpoint), mount_options(config))
+        except RuntimeError as exc:
+            daemon.store.close()
+            raise UserError(f"cannot mount {config.mountpoint}: {exc}") from None
+        unmount = True
+        try:
+            trio.run(daemon.main, ready_fd, control_socket)
+            unmount = False
+        finally:
+            pyfuse3.close(unmount=unmount)
+            try:
+                daemon.store.commit_now()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                log.error("final commit failed (%s); the journal keeps the changes", exc)
+            daemon.store.close()
+    log.info("unmounted %s; all changes committed", config.mountpoint)
+    return 0

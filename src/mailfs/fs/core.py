@@ -1,0 +1,877 @@
+"""The filesystem logic behind the pyfuse3 adapter.
+
+Methods raise OSError; the adapter turns that into FUSEError. Every path is split by its
+file class:
+- replicated names live in the MetaStore (RAM over LMDB, journaled),
+- volatile names live in `self.volatile` (RAM, this node only),
+- everything else, and every directory, is the backing path, reached on worker threads.
+
+Atomicity note: replicated and volatile operations contain no `await` between checking a
+name and changing it, so they are atomic with respect to other requests. Passthrough
+operations await the backing store and are as atomic as the backing store makes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyfuse3
+
+from mailfs.cachemgr.backing import Backing
+from mailfs.cachemgr.metastore import MetaStore, StoredFile
+from mailfs.cachemgr.records import Attrs
+from mailfs.fs.classifier import Classifier, FileClass
+from mailfs.fs.nodes import ROOT, Handle, InodeTable, Kind, Node, VolatileFile
+
+log = logging.getLogger(__name__)
+
+# Index files bigger than this on the backing path are not index files; leave them there.
+IMPORT_LIMIT = 1 << 30
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_APPEND
+
+
+def oserror(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    index: float
+    passthrough: float
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int
+    gid: int
+    umask: int
+
+
+@dataclass
+class DirListing:
+    node: Node
+    entries: list[tuple[bytes, pyfuse3.EntryAttributes, Node]] | None = None
+
+
+class MailFS:
+    def __init__(
+        self,
+        store: MetaStore,
+        backing: Backing,
+        classifier: Classifier,
+        timeouts: Timeouts,
+        import_on_access: bool = True,
+    ) -> None:
+        self.store = store
+        self.backing = backing
+        self.classifier = classifier
+        self.timeouts = timeouts
+        self.import_on_access = import_on_access
+        self.table = InodeTable()
+        self.volatile: dict[tuple[bytes, bytes], VolatileFile] = {}
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, DirListing] = {}
+        self._next_fh = 1
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _dir(self, inode: int) -> Node:
+        node = self.table.nodes.get(inode)
+        if node is None:
+            raise oserror(errno.ENOENT)
+        if node.kind is not Kind.DIR:
+            raise oserror(errno.ENOTDIR)
+        return node
+
+    def _node(self, inode: int) -> Node:
+        node = self.table.nodes.get(inode)
+        if node is None:
+            raise oserror(errno.ENOENT)
+        return node
+
+    def _entry(self, node: Node, timeout: float, st_mode: int, st_nlink: int, st_uid: int,
+               st_gid: int, st_size: int, atime: int, mtime: int, ctime: int,
+               blocks: int | None = None) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = node.inode  # type: ignore[assignment]
+        entry.generation = 0
+        entry.entry_timeout = timeout
+        entry.attr_timeout = timeout
+        entry.st_mode = st_mode  # type: ignore[assignment]
+        entry.st_nlink = st_nlink
+        entry.st_uid = st_uid
+        entry.st_gid = st_gid
+        entry.st_rdev = 0
+        entry.st_size = st_size
+        entry.st_blksize = 4096
+        entry.st_blocks = (st_size + 511) // 512 if blocks is None else blocks
+        entry.st_atime_ns = atime
+        entry.st_mtime_ns = mtime
+        entry.st_ctime_ns = ctime
+        return entry
+
+    def _stat_entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        return self._entry(node, self.timeouts.passthrough, st.st_mode, st.st_nlink, st.st_uid,
+                           st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns,
+                           st.st_ctime_ns, st.st_blocks)
+
+    def _attrs_entry(self, node: Node, attrs: Attrs) -> pyfuse3.EntryAttributes:
+        return self._entry(node, self.timeouts.index, attrs.mode, attrs.nlink, attrs.uid,
+                           attrs.gid, attrs.size, attrs.atime_ns, attrs.mtime_ns,
+                           attrs.ctime_ns)
+
+    def _negative(self, timeout: float) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = 0  # type: ignore[assignment]
+        entry.entry_timeout = timeout
+        return entry
+
+    def _stored(self, node: Node) -> StoredFile:
+        return self.store.get(node.fid)
+
+    def _node_entry(self, node: Node) -> pyfuse3.EntryAttributes | None:
+        """Attributes without touching the backing store, where possible."""
+        if node.kind is Kind.REPLICATED:
+            return self._attrs_entry(node, self._stored(node).attrs)
+        if node.kind is Kind.VOLATILE:
+            assert node.volatile is not None
+            return self._attrs_entry(node, node.volatile.attrs)
+        return None
+
+    async def _backing_stat(self, relative: bytes) -> os.stat_result:
+        return await self.backing.run(os.lstat, self.backing.path(relative))
+
+    def _new_attrs(self, mode: int, caller: Caller) -> Attrs:
+        now = time.time_ns()
+        return Attrs(stat.S_IFREG | (mode & 0o7777 & ~caller.umask), caller.uid, caller.gid,
+                     1, 0, now, now, now)
+
+    # ------------------------------------------------------------------ lookup / getattr
+
+    async def lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        if name == b".":
+            return await self.getattr(parent_inode, count_lookup=True)
+        if name == b"..":
+            return await self.getattr(parent.parent or ROOT, count_lookup=True)
+        cls = self.classifier.classify(name)
+        if cls is FileClass.PASSTHROUGH:
+            return await self._lookup_passthrough(parent, name)
+        dirpath = self.table.dirpath(parent)
+        if cls is FileClass.VOLATILE:
+            volatile = self.volatile.get((dirpath, name))
+            if volatile is None:
+                return self._negative(self.timeouts.index)
+            node = self.table.nodes[volatile.inode]
+            node.lookups += 1
+            return self._attrs_entry(node, volatile.attrs)
+        fid = self.store.lookup(dirpath, name)
+        if fid is None and self.import_on_access and not parent.import_checked:
+            await self._import_dir(parent, dirpath)
+            fid = self.store.lookup(dirpath, name)
+        if fid is None:
+            return self._negative(self.timeouts.index)
+        node = self.table.replicated(fid)
+        entry = self._attrs_entry(node, self._stored(node).attrs)
+        node.lookups += 1
+        return entry
+
+    async def _lookup_passthrough(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        try:
+            st = await self._backing_stat(self.table.child_path(parent, name))
+        except FileNotFoundError:
+            return self._negative(self.timeouts.passthrough)
+        kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
+        node = self.table.placed(parent, name, kind, st.st_ino)
+        node.lookups += 1
+        return self._stat_entry(node, st)
+
+    async def getattr(self, inode: int, count_lookup: bool = False) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        entry = self._node_entry(node)
+        if entry is None:
+            if node.kind is Kind.DIR:
+                relative = self.table.dirpath(node)
+            else:
+                relative = self.table.child_path(self.table.nodes[node.parent], node.name)
+            entry = self._stat_entry(node, await self._backing_stat(relative))
+        if count_lookup:
+            node.lookups += 1
+        return entry
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self.table.nodes.get(inode)
+        if node is None or inode == ROOT:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_release(node)
+
+    def _maybe_release(self, node: Node) -> None:
+        """Free a node nobody holds: not the kernel, not an open file."""
+        if node.lookups or node.opens:
+            return
+        if node.kind is Kind.REPLICATED:
+            try:
+                stored = self.store.get(node.fid)
+            except FileNotFoundError:
+                stored = None
+            if stored is not None and stored.attrs.nlink == 0:
+                self.store.drop(node.fid)
+            self.table.fid_inode.pop(node.fid, None)
+            del self.table.nodes[node.inode]
+        elif node.kind is Kind.VOLATILE:
+            del self.table.nodes[node.inode]
+        elif node.children == 0:
+            self.table.forget_placed(node)
+
+    # ------------------------------------------------------------------ import
+
+    async def _import_dir(self, parent: Node, dirpath: bytes) -> None:
+        """Adopt index files that already sit on the backing path (migration from NFS)."""
+        parent.import_checked = True
+        if self.store.is_imported(dirpath):
+            return
+        imported = await self.import_directory(dirpath)
+        if imported:
+            log.info("imported %d index files from %s", imported,
+                     dirpath.decode(errors="replace") or "/")
+
+    async def import_directory(self, dirpath: bytes) -> int:
+        found = await self.backing.run(self._scan_index_files, self.backing.path(dirpath))
+        count = 0
+        for name, st, content in found:
+            if self.store.lookup(dirpath, name) is not None:
+                continue
+            attrs = Attrs(st.st_mode, st.st_uid, st.st_gid, 1, len(content), st.st_atime_ns,
+                          st.st_mtime_ns, st.st_ctime_ns)
+            self.store.put(dirpath, name, attrs, content)
+            count += 1
+        if not self.store.is_imported(dirpath):
+            self.store.mark_imported(dirpath)
+        return count
+
+    def _scan_index_files(self, path: bytes) -> list[tuple[bytes, os.stat_result, bytes]]:
+        found = []
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for entry in entries:
+            if self.classifier.classify(entry.name) is not FileClass.REPLICATED:
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if st.st_size > IMPORT_LIMIT:
+                    log.warning("not importing %r: %d bytes is too big for an index file",
+                                entry.path, st.st_size)
+                    continue
+                with open(entry.path, "rb") as handle:
+                    found.append((entry.name, st, handle.read()))
+            except FileNotFoundError:
+                continue
+        return found
+
+    async def import_tree(self) -> int:
+        """Import every directory below the root (`mailfs import`)."""
+        total = 0
+        pending = [b""]
+        while pending:
+            dirpath = pending.pop()
+            total += await self.import_directory(dirpath)
+            subdirs = await self.backing.run(self._subdirs, self.backing.path(dirpath))
+            pending.extend((dirpath + b"/" + s) if dirpath else s for s in subdirs)
+        return total
+
+    @staticmethod
+    def _subdirs(path: bytes) -> list[bytes]:
+        try:
+            return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    async def export_tree(self) -> int:
+        """Write every replicated file back to the backing path (`mailfs export`)."""
+        await self.store.sync()
+        count = 0
+        for dirpath, name, fid in list(self.store.all_files()):
+            stored = self.store.get(fid)
+            relative = dirpath + b"/" + name if dirpath else name
+            await self.backing.run(self._write_back, self.backing.path(relative),
+                                   bytes(stored.content), stored.attrs.copy())
+            count += 1
+        return count
+
+    @staticmethod
+    def _write_back(path: bytes, content: bytes, attrs: Attrs) -> None:
+        temp = path + b".mailfs-export"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, content)
+            os.fchown(fd, attrs.uid, attrs.gid)
+            os.fchmod(fd, attrs.mode & 0o7777)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.utime(temp, ns=(attrs.atime_ns, attrs.mtime_ns))
+        os.rename(temp, path)
+
+    # ------------------------------------------------------------------ create / mkdir
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     caller: Caller) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._dir(parent_inode)
+        cls = self.classifier.classify(name)
+        if cls is FileClass.PASSTHROUGH:
+            return await self._create_passthrough(parent, name, mode, flags, caller)
+        dirpath = self.table.dirpath(parent)
+        if cls is FileClass.VOLATILE:
+            if (dirpath, name) in self.volatile:
+                raise oserror(errno.EEXIST)
+            node = Node(self.table.allocate(), Kind.VOLATILE)
+            node.volatile = VolatileFile(self._new_attrs(mode, caller), bytearray(), node.inode)
+            self.table.nodes[node.inode] = node
+            self.volatile[(dirpath, name)] = node.volatile
+        else:
+            if self.import_on_access and not parent.import_checked:
+                await self._import_dir(parent, dirpath)
+            if self.store.lookup(dirpath, name) is not None:
+                raise oserror(errno.EEXIST)
+            attrs = self._new_attrs(mode, caller)
+            stored = self.store.create(dirpath, name, attrs.mode, attrs.uid, attrs.gid)
+            node = self.table.replicated(stored.fid)
+        entry = self._node_entry(node)
+        assert entry is not None
+        node.lookups += 1
+        return self._open_node(node, flags), entry
+
+    async def _create_passthrough(self, parent: Node, name: bytes, mode: int, flags: int,
+                                  caller: Caller
+                                  ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path = self.backing.path(self.table.child_path(parent, name))
+        open_flags = (flags & ~(os.O_APPEND | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL
+        fd, st = await self.backing.run(_create_owned, path, open_flags,
+                                        mode & 0o7777 & ~caller.umask, caller.uid, caller.gid)
+        node = self.table.placed(parent, name, Kind.PASSTHROUGH, st.st_ino)
+        node.lookups += 1
+        node.opens += 1
+        node.cached_version = (st.st_mtime_ns, st.st_size)
+        handle = Handle(self._fh(), node, fd, bool(flags & os.O_APPEND))
+        self.handles[handle.fh] = handle
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._stat_entry(node, st)  # type: ignore[arg-type]
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    caller: Caller) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        if self.classifier.classify(name) is not FileClass.PASSTHROUGH:
+            log.warning("refusing mkdir of %r: the name belongs to an index or lock file", name)
+            raise oserror(errno.EPERM, "name reserved for index files")
+        relative = self.table.child_path(parent, name)
+        st = await self.backing.run(_mkdir_owned, self.backing.path(relative),
+                                    mode & 0o7777 & ~caller.umask, caller.uid, caller.gid)
+        # A directory made here holds no index files on the backing path to import.
+        self.store.mark_imported(relative)
+        node = self.table.placed(parent, name, Kind.DIR, st.st_ino)
+        node.import_checked = True
+        node.lookups += 1
+        return self._stat_entry(node, st)
+
+    # ------------------------------------------------------------------ unlink / rmdir
+
+    async def unlink(self, parent_inode: int, name: bytes) -> None:
+        parent = self._dir(parent_inode)
+        cls = self.classifier.classify(name)
+        dirpath = self.table.dirpath(parent)
+        if cls is FileClass.REPLICATED:
+            fid = self.store.lookup(dirpath, name)
+            if fid is None:
+                raise oserror(errno.ENOENT)
+            self.store.unlink(dirpath, name)
+            self._release_if_unused(fid)
+        elif cls is FileClass.VOLATILE:
+            volatile = self.volatile.pop((dirpath, name), None)
+            if volatile is None:
+                raise oserror(errno.ENOENT)
+            self._volatile_lost_link(volatile)
+        else:
+            await self.backing.run(os.unlink,
+                                   self.backing.path(self.table.child_path(parent, name)))
+            self.table.unplace(parent.inode, name)
+
+    def _release_if_unused(self, fid: int) -> None:
+        inode = self.table.fid_inode.get(fid)
+        if inode is None:
+            try:
+                stored = self.store.get(fid)
+            except FileNotFoundError:
+                return
+            if stored.attrs.nlink == 0 and stored.opens == 0:
+                self.store.drop(fid)
+        else:
+            self._maybe_release(self.table.nodes[inode])
+
+    def _volatile_lost_link(self, volatile: VolatileFile) -> None:
+        volatile.attrs.nlink -= 1
+        volatile.attrs.ctime_ns = time.time_ns()
+        node = self.table.nodes.get(volatile.inode)
+        if node is not None:
+            self._maybe_release(node)
+
+    async def rmdir(self, parent_inode: int, name: bytes) -> None:
+        parent = self._dir(parent_inode)
+        relative = self.table.child_path(parent, name)
+        if self.store.names_in(relative) or self._volatile_in(relative):
+            raise oserror(errno.ENOTEMPTY)
+        await self.backing.run(os.rmdir, self.backing.path(relative))
+        self.store.remove_dir(relative)
+        self.table.unplace(parent.inode, name)
+
+    def _volatile_in(self, dirpath: bytes) -> bool:
+        return any(d == dirpath for d, _ in self.volatile)
+
+    # ------------------------------------------------------------------ rename / link
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int) -> None:
+        src_dir, dst_dir = self._dir(old_parent), self._dir(new_parent)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise oserror(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        src_cls = self.classifier.classify(old_name)
+        dst_cls = self.classifier.classify(new_name)
+        src_path, dst_path = self.table.dirpath(src_dir), self.table.dirpath(dst_dir)
+        if src_cls is FileClass.PASSTHROUGH:
+            await self._rename_passthrough(src_dir, old_name, dst_dir, new_name, dst_cls,
+                                           noreplace)
+        elif src_cls is FileClass.REPLICATED:
+            if dst_cls is not FileClass.REPLICATED:
+                raise oserror(errno.EXDEV)
+            if self.store.lookup(src_path, old_name) is None:
+                raise oserror(errno.ENOENT)
+            replaced = self.store.lookup(dst_path, new_name)
+            if replaced is not None and noreplace:
+                raise oserror(errno.EEXIST)
+            self.store.rename(src_path, old_name, dst_path, new_name)
+            if replaced is not None:
+                self._release_if_unused(replaced)
+        elif dst_cls is FileClass.VOLATILE:
+            self._rename_volatile(src_path, old_name, dst_path, new_name, noreplace)
+        elif dst_cls is FileClass.REPLICATED:
+            self._promote(src_path, old_name, dst_path, new_name, noreplace)
+        else:
+            raise oserror(errno.EXDEV)
+
+    def _rename_volatile(self, src_path: bytes, old_name: bytes, dst_path: bytes,
+                         new_name: bytes, noreplace: bool) -> None:
+        volatile = self.volatile.get((src_path, old_name))
+        if volatile is None:
+            raise oserror(errno.ENOENT)
+        replaced = self.volatile.get((dst_path, new_name))
+        if replaced is volatile:
+            return
+        if replaced is not None and noreplace:
+            raise oserror(errno.EEXIST)
+        del self.volatile[(src_path, old_name)]
+        self.volatile[(dst_path, new_name)] = volatile
+        volatile.attrs.ctime_ns = time.time_ns()
+        if replaced is not None:
+            self._volatile_lost_link(replaced)
+
+    def _promote(self, src_path: bytes, old_name: bytes, dst_path: bytes, new_name: bytes,
+                 noreplace: bool) -> None:
+        """Rename a dot-lock over an index file: its content becomes the replicated file.
+
+        The kernel moves its dentry, so the lock's inode now names the index file, and
+        Dovecot may keep writing through the lock's fd (the transaction log does). So the
+        same node turns into the replicated file instead of a new one being made.
+        """
+        volatile = self.volatile.get((src_path, old_name))
+        if volatile is None:
+            raise oserror(errno.ENOENT)
+        replaced = self.store.lookup(dst_path, new_name)
+        if replaced is not None and noreplace:
+            raise oserror(errno.EEXIST)
+        node = self.table.nodes.get(volatile.inode)
+        stored = self.store.put(dst_path, new_name, volatile.attrs, bytes(volatile.content))
+        del self.volatile[(src_path, old_name)]
+        volatile.attrs.nlink -= 1
+        if node is not None and volatile.attrs.nlink == 0:
+            node.kind = Kind.REPLICATED
+            node.fid = stored.fid
+            node.volatile = None
+            stored.opens += node.opens
+            self.table.fid_inode[stored.fid] = node.inode
+        if replaced is not None:
+            self._release_if_unused(replaced)
+
+    async def _rename_passthrough(self, src_dir: Node, old_name: bytes, dst_dir: Node,
+                                  new_name: bytes, dst_cls: FileClass, noreplace: bool) -> None:
+        if dst_cls is not FileClass.PASSTHROUGH:
+            raise oserror(errno.EXDEV)
+        old_rel = self.table.child_path(src_dir, old_name)
+        new_rel = self.table.child_path(dst_dir, new_name)
+        moving_inode = self.table.entries.get((src_dir.inode, old_name))
+        moving = self.table.nodes.get(moving_inode) if moving_inode else None
+        is_dir = moving.kind is Kind.DIR if moving else stat.S_ISDIR(
+            (await self._backing_stat(old_rel)).st_mode)
+        if is_dir and (self.store.names_in(new_rel) or self._volatile_in(new_rel)):
+            raise oserror(errno.ENOTEMPTY)
+        await self.backing.run(_rename, self.backing.path(old_rel), self.backing.path(new_rel),
+                               noreplace)
+        if is_dir:
+            self.store.rename_dir(old_rel, new_rel)
+            self._rename_volatile_dir(old_rel, new_rel)
+        self.table.unplace(dst_dir.inode, new_name)
+        if moving is not None:
+            self.table.move(moving, (src_dir.inode, old_name), (dst_dir.inode, new_name))
+
+    def _rename_volatile_dir(self, old: bytes, new: bytes) -> None:
+        for dirpath, name in list(self.volatile):
+            if dirpath == old or dirpath.startswith(old + b"/"):
+                self.volatile[(new + dirpath[len(old):], name)] = self.volatile.pop(
+                    (dirpath, name))
+
+    async def link(self, inode: int, new_parent: int, new_name: bytes
+                   ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        parent = self._dir(new_parent)
+        dst_cls = self.classifier.classify(new_name)
+        dirpath = self.table.dirpath(parent)
+        if node.kind is Kind.REPLICATED:
+            if dst_cls is not FileClass.REPLICATED:
+                raise oserror(errno.EXDEV)
+            if self.store.lookup(dirpath, new_name) is not None:
+                raise oserror(errno.EEXIST)
+            self.store.link(node.fid, dirpath, new_name)
+        elif node.kind is Kind.VOLATILE:
+            assert node.volatile is not None
+            if dst_cls is FileClass.VOLATILE:
+                if (dirpath, new_name) in self.volatile:
+                    raise oserror(errno.EEXIST)
+                self.volatile[(dirpath, new_name)] = node.volatile
+                node.volatile.attrs.nlink += 1
+                node.volatile.attrs.ctime_ns = time.time_ns()
+            elif dst_cls is FileClass.REPLICATED:
+                # The lock keeps its own inode; the index file gets a copy of its content.
+                if self.store.lookup(dirpath, new_name) is not None:
+                    raise oserror(errno.EEXIST)
+                stored = self.store.put(dirpath, new_name, node.volatile.attrs,
+                                        bytes(node.volatile.content))
+                node = self.table.replicated(stored.fid)
+            else:
+                raise oserror(errno.EXDEV)
+        elif node.kind is Kind.PASSTHROUGH:
+            if dst_cls is not FileClass.PASSTHROUGH:
+                raise oserror(errno.EXDEV)
+            source = self.table.child_path(self.table.nodes[node.parent], node.name)
+            await self.backing.run(os.link, self.backing.path(source),
+                                   self.backing.path(self.table.child_path(parent, new_name)),
+                                   follow_symlinks=False)
+            self.table.entries[(parent.inode, new_name)] = node.inode
+            node.aliases.append((parent.inode, new_name))
+        else:
+            raise oserror(errno.EPERM)
+        entry = await self.getattr(node.inode)
+        node.lookups += 1
+        return entry
+
+    # ------------------------------------------------------------------ attributes
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      caller: Caller) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.kind is Kind.REPLICATED:
+            stored = self._stored(node)
+            if fields.update_size and attr.st_size != stored.size:
+                self.store.truncate(stored, attr.st_size)
+            new = self._updated_attrs(stored.attrs, attr, fields)
+            if new != stored.attrs:
+                self.store.set_attrs(stored, new)
+            return self._attrs_entry(node, stored.attrs)
+        if node.kind is Kind.VOLATILE:
+            volatile = node.volatile
+            assert volatile is not None
+            if fields.update_size:
+                size = attr.st_size
+                del volatile.content[size:]
+                volatile.content.extend(bytes(size - len(volatile.content)))
+                volatile.attrs.size = size
+                volatile.attrs.mtime_ns = time.time_ns()
+            volatile.attrs = self._updated_attrs(volatile.attrs, attr, fields)
+            return self._attrs_entry(node, volatile.attrs)
+        if node.kind is Kind.DIR:
+            relative = self.table.dirpath(node)
+        else:
+            relative = self.table.child_path(self.table.nodes[node.parent], node.name)
+        handle = self.handles.get(fh) if fh is not None else None
+        st = await self.backing.run(
+            _apply_setattr, self.backing.path(relative), handle.fd if handle else -1,
+            attr.st_size if fields.update_size else None,
+            attr.st_mode & 0o7777 if fields.update_mode else None,
+            attr.st_uid if fields.update_uid else -1,
+            attr.st_gid if fields.update_gid else -1,
+            attr.st_atime_ns if fields.update_atime else None,
+            attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._stat_entry(node, st)
+
+    @staticmethod
+    def _updated_attrs(old: Attrs, attr: pyfuse3.EntryAttributes,
+                       fields: pyfuse3.SetattrFields) -> Attrs:
+        new = old.copy()
+        if fields.update_mode:
+            new.mode = stat.S_IFMT(old.mode) | (attr.st_mode & 0o7777)
+        if fields.update_uid:
+            new.uid = attr.st_uid
+        if fields.update_gid:
+            new.gid = attr.st_gid
+        if fields.update_atime:
+            new.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            new.mtime_ns = attr.st_mtime_ns
+        if new != old:
+            new.ctime_ns = time.time_ns()
+        return new
+
+    # ------------------------------------------------------------------ open / io
+
+    def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        handle = Handle(self._fh(), node, -1, bool(flags & os.O_APPEND))
+        self.handles[handle.fh] = handle
+        node.opens += 1
+        if node.kind is Kind.REPLICATED:
+            self._stored(node).opens += 1
+        # keep_cache: index pages change only through this mount, which invalidates them.
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True)  # type: ignore[arg-type]
+
+    async def open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.kind in (Kind.REPLICATED, Kind.VOLATILE):
+            return self._open_node(node, flags)
+        if node.kind is Kind.DIR:
+            raise oserror(errno.EISDIR)
+        relative = self.table.child_path(self.table.nodes[node.parent], node.name)
+        fd, st = await self.backing.run(_open_stat, self.backing.path(relative),
+                                        flags & ~OPEN_STRIP)
+        version = (st.st_mtime_ns, st.st_size)
+        keep = version == node.cached_version
+        node.cached_version = version
+        handle = Handle(self._fh(), node, fd, bool(flags & os.O_APPEND))
+        self.handles[handle.fh] = handle
+        node.opens += 1
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)  # type: ignore[arg-type]
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise oserror(errno.EBADF)
+        return handle
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        node = handle.node
+        if node.kind is Kind.REPLICATED:
+            content = self._stored(node).content
+            return bytes(memoryview(content)[offset:offset + size])
+        if node.kind is Kind.VOLATILE:
+            assert node.volatile is not None
+            return bytes(memoryview(node.volatile.content)[offset:offset + size])
+        return await self.backing.run(os.pread, handle.fd, size, offset)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        node = handle.node
+        if node.kind is Kind.REPLICATED:
+            stored = self._stored(node)
+            self.store.write(stored, stored.size if handle.append else offset, data)
+            return len(data)
+        if node.kind is Kind.VOLATILE:
+            volatile = node.volatile
+            assert volatile is not None
+            start = len(volatile.content) if handle.append else offset
+            if start > len(volatile.content):
+                volatile.content.extend(bytes(start - len(volatile.content)))
+            volatile.content[start:start + len(data)] = data
+            volatile.attrs.size = len(volatile.content)
+            volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
+            return len(data)
+        return await self.backing.run(os.pwrite, handle.fd, data, offset)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handle(fh)
+        if handle.node.kind is Kind.REPLICATED:
+            await self.store.sync()
+        elif handle.node.kind is Kind.PASSTHROUGH:
+            await self.backing.run(os.fdatasync if datasync else os.fsync, handle.fd)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.node
+        node.opens -= 1
+        if node.kind is Kind.REPLICATED:
+            stored = self.store.cached(node.fid)
+            if stored is not None:
+                stored.opens -= 1
+        if handle.fd >= 0:
+            await self.backing.run(os.close, handle.fd)
+        self._maybe_release(node)
+
+    # ------------------------------------------------------------------ directories
+
+    async def opendir(self, inode: int) -> int:
+        node = self._dir(inode)
+        fh = self._fh()
+        self.dir_handles[fh] = DirListing(node)
+        return fh
+
+    async def list_directory(self, listing: DirListing
+                             ) -> list[tuple[bytes, pyfuse3.EntryAttributes, Node]]:
+        parent = listing.node
+        dirpath = self.table.dirpath(parent)
+        if self.import_on_access and not parent.import_checked:
+            await self._import_dir(parent, dirpath)
+        backing_entries = await self.backing.run(_list_with_stats, self.backing.path(dirpath))
+        result: list[tuple[bytes, pyfuse3.EntryAttributes, Node]] = []
+        for name, st in backing_entries:
+            if self.classifier.classify(name) is not FileClass.PASSTHROUGH:
+                continue  # backing copies of index files are hidden; the store has them
+            kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
+            node = self.table.placed(parent, name, kind, st.st_ino)
+            result.append((name, self._stat_entry(node, st), node))
+        for name, fid in sorted(self.store.names_in(dirpath).items()):
+            node = self.table.replicated(fid)
+            result.append((name, self._attrs_entry(node, self._stored(node).attrs), node))
+        for (volatile_dir, name), volatile in sorted(self.volatile.items()):
+            if volatile_dir == dirpath:
+                node = self.table.nodes[volatile.inode]
+                result.append((name, self._attrs_entry(node, volatile.attrs), node))
+        return result
+
+    def entries_from(self, listing: DirListing, start: int
+                     ) -> Iterator[tuple[int, bytes, pyfuse3.EntryAttributes, Node]]:
+        assert listing.entries is not None
+        for index in range(start, len(listing.entries)):
+            name, entry, node = listing.entries[index]
+            yield index, name, entry, node
+
+    async def fsyncdir(self, fh: int) -> None:
+        listing = self.dir_handles.get(fh)
+        if listing is None:
+            raise oserror(errno.EBADF)
+        await self.store.sync()
+        await self.backing.run(_fsync_dir, self.backing.path(self.table.dirpath(listing.node)))
+
+    async def statfs(self) -> pyfuse3.StatvfsData:
+        st = await self.backing.run(os.statvfs, self.backing.root)
+        data = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, attr, getattr(st, attr))
+        return data
+
+    # ------------------------------------------------------------------ status
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "inodes": len(self.table.nodes),
+            "open_files": len(self.handles),
+            "volatile_files": len(self.volatile),
+            "volatile_bytes": sum(len(v.content) for v in self.volatile.values()),
+        }
+
+
+# ---------------------------------------------------------------------- thread functions
+
+
+def _create_owned(path: bytes, flags: int, mode: int, uid: int, gid: int
+                  ) -> tuple[int, os.stat_result]:
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)  # the daemon's own umask must not narrow the caller's mode
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+
+
+def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int) -> os.stat_result:
+    os.mkdir(path, mode)
+    try:
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)
+    except BaseException:
+        os.rmdir(path)
+        raise
+    return os.lstat(path)
+
+
+def _open_stat(path: bytes, flags: int) -> tuple[int, os.stat_result]:
+    fd = os.open(path, flags)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _rename(old: bytes, new: bytes, noreplace: bool) -> None:
+    if noreplace:
+        # Python has no renameat2; link+unlink gives the same no-clobber guarantee for files.
+        if os.path.lexists(new):
+            raise oserror(errno.EEXIST)
+    os.rename(old, new)
+
+
+def _apply_setattr(path: bytes, fd: int, size: int | None, mode: int | None, uid: int,
+                   gid: int, atime_ns: int | None, mtime_ns: int | None) -> os.stat_result:
+    if size is not None:
+        if fd >= 0:
+            os.ftruncate(fd, size)
+        else:
+            os.truncate(path, size)
+    if mode is not None:
+        os.chmod(path, mode)
+    if uid != -1 or gid != -1:
+        os.lchown(path, uid, gid)
+    if atime_ns is not None or mtime_ns is not None:
+        current = os.lstat(path)
+        os.utime(path, ns=(atime_ns if atime_ns is not None else current.st_atime_ns,
+                           mtime_ns if mtime_ns is not None else current.st_mtime_ns),
+                 follow_symlinks=False)
+    return os.lstat(path)
+
+
+def _list_with_stats(path: bytes) -> list[tuple[bytes, os.stat_result]]:
+    result = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            try:
+                result.append((entry.name, entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue
+    return result
+
+
+def _fsync_dir(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,150 @@
+"""The inode table: what each FUSE inode number stands for.
+
+mailfs allocates its own inode numbers and never reuses one during a mount: backing
+filesystems reuse theirs, and with kernel caching a reused number would merge two files.
+Replicated files get `REPLICATED_BASE + fid`, so their numbers are stable across remounts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from mailfs.cachemgr.records import Attrs
+
+ROOT = int(pyfuse3.ROOT_INODE)
+REPLICATED_BASE = 1 << 40
+
+
+class Kind(enum.Enum):
+    DIR = "dir"
+    PASSTHROUGH = "passthrough"
+    REPLICATED = "replicated"
+    VOLATILE = "volatile"
+
+
+@dataclass(eq=False)
+class VolatileFile:
+    """A lock file: RAM only, this node only, gone at restart."""
+
+    attrs: Attrs
+    content: bytearray
+    inode: int
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    inode: int
+    kind: Kind
+    # Directories and passthrough files: where they sit (for building backing paths).
+    parent: int = 0
+    name: bytes = b""
+    fid: int = 0
+    volatile: VolatileFile | None = None
+    backing_ino: int = 0
+    lookups: int = 0
+    opens: int = 0
+    children: int = 0
+    import_checked: bool = False
+    # (mtime_ns, size) of the backing file when the kernel last cached its pages.
+    cached_version: tuple[int, int] = (0, 0)
+    # Extra names of a hard-linked passthrough file: (parent inode, name).
+    aliases: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class Handle:
+    fh: int
+    node: Node
+    fd: int = -1
+    append: bool = False
+
+
+class InodeTable:
+    def __init__(self) -> None:
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, Kind.DIR, lookups=1)}
+        self.entries: dict[tuple[int, bytes], int] = {}
+        self.fid_inode: dict[int, int] = {}
+        self._next = 2
+
+    def allocate(self) -> int:
+        inode = self._next
+        self._next += 1
+        return inode
+
+    def get(self, inode: int) -> Node:
+        return self.nodes[inode]
+
+    def dirpath(self, node: Node) -> bytes:
+        """Path of a directory relative to the mount root; b'' for the root."""
+        parts = []
+        while node.inode != ROOT:
+            parts.append(node.name)
+            node = self.nodes[node.parent]
+        return b"/".join(reversed(parts))
+
+    def child_path(self, parent: Node, name: bytes) -> bytes:
+        base = self.dirpath(parent)
+        return base + b"/" + name if base else name
+
+    def replicated(self, fid: int) -> Node:
+        inode = self.fid_inode.get(fid)
+        if inode is not None:
+            return self.nodes[inode]
+        inode = REPLICATED_BASE + fid
+        node = Node(inode, Kind.REPLICATED, fid=fid)
+        self.nodes[inode] = node
+        self.fid_inode[fid] = inode
+        return node
+
+    def placed(self, parent: Node, name: bytes, kind: Kind, backing_ino: int) -> Node:
+        """The node for a backing entry, new if the backing file is not the one we knew."""
+        key = (parent.inode, name)
+        inode = self.entries.get(key)
+        if inode is not None:
+            node = self.nodes[inode]
+            if node.backing_ino == backing_ino and node.kind is kind:
+                return node
+            self.unplace(parent.inode, name)
+        node = Node(self.allocate(), kind, parent=parent.inode, name=name,
+                    backing_ino=backing_ino)
+        self.nodes[node.inode] = node
+        self.entries[key] = node.inode
+        parent.children += 1
+        return node
+
+    def unplace(self, parent_inode: int, name: bytes) -> Node | None:
+        inode = self.entries.pop((parent_inode, name), None)
+        if inode is None:
+            return None
+        node = self.nodes[inode]
+        if (node.parent, node.name) == (parent_inode, name):
+            if node.aliases:
+                node.parent, node.name = node.aliases.pop()
+                return node
+        elif (parent_inode, name) in node.aliases:
+            node.aliases.remove((parent_inode, name))
+        return node
+
+    def move(self, node: Node, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+        self.entries.pop(old, None)
+        self.entries[new] = node.inode
+        if (node.parent, node.name) == old:
+            if node.parent != new[0]:
+                self.nodes[node.parent].children -= 1
+                self.nodes[new[0]].children += 1
+            node.parent, node.name = new
+        elif old in node.aliases:
+            node.aliases[node.aliases.index(old)] = new
+
+    def forget_placed(self, node: Node) -> None:
+        """Remove a directory or passthrough node the kernel no longer knows."""
+        for key in [(node.parent, node.name), *node.aliases]:
+            if self.entries.get(key) == node.inode:
+                del self.entries[key]
+        parent = self.nodes.get(node.parent)
+        if parent is not None:
+            parent.children -= 1
+        del self.nodes[node.inode]

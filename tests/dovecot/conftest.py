@@ -1,0 +1,62 @@
+"""Fixtures for real-Dovecot tests: a mail store (local or mailfs) and a Dovecot on it."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.rigs.dovecot import MAIL_FORMATS, Dovecot
+from tests.rigs.mailstore import BACKENDS, MailStore
+from tests.rigs.mount import is_mounted
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Not tmp_path: /tmp/pytest-of-root is 0700, and vmail must reach the mail root.
+    path = Path(tempfile.mkdtemp(prefix="mfs-dc-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    if not is_mounted(path / "mnt"):  # never rmtree through a mount that refused to go
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=MAIL_FORMATS)
+def mail_format(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store(backend: str, workdir: Path) -> Iterator[MailStore]:
+    mail_store = MailStore(backend, workdir)
+    try:
+        mail_store.start()
+        yield mail_store
+    finally:
+        try:
+            mail_store.close()
+        finally:
+            # pytest shows this only when the test fails.
+            print(f"--- mailfs log ({backend})\n{mail_store.log()[-20000:]}")
+
+
+@pytest.fixture
+def dovecot(store: MailStore, workdir: Path, mail_format: str) -> Iterator[Dovecot]:
+    server = Dovecot(workdir / "dovecot", store.root, mail_format)
+    try:
+        server.start()
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            server.kill()
+            print(f"--- dovecot log\n{server.log_text()[-20000:]}")
