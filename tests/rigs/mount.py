@@ -103,7 +103,9 @@ class MailfsMount:
 
     def kill(self) -> None:
         """kill -9, as a crash would, then clear the dead mount."""
-        if self.process is not None and self.process.poll() is None:
+        if self.process is None:
+            return  # never started, or already stopped: the mountpoint may be another's now
+        if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=30)
         force_unmount(self.mountpoint)

@@ -576,9 +576,8 @@ class MailFS:
             if dst_cls is not FileClass.PASSTHROUGH:
                 raise oserror(errno.EXDEV)
             source = self.table.child_path(self.table.nodes[node.parent], node.name)
-            await self.backing.run(os.link, self.backing.path(source),
-                                   self.backing.path(self.table.child_path(parent, new_name)),
-                                   follow_symlinks=False)
+            await self.backing.run(_hardlink, self.backing.path(source),
+                                   self.backing.path(self.table.child_path(parent, new_name)))
             self.table.entries[(parent.inode, new_name)] = node.inode
             node.aliases.append((parent.inode, new_name))
         else:
@@ -837,6 +836,10 @@ def _rename(old: bytes, new: bytes, noreplace: bool) -> None:
         if os.path.lexists(new):
             raise oserror(errno.EEXIST)
     os.rename(old, new)
+
+
+def _hardlink(source: bytes, target: bytes) -> None:
+    os.link(source, target, follow_symlinks=False)
 
 
 def _apply_setattr(path: bytes, fd: int, size: int | None, mode: int | None, uid: int,
