@@ -108,6 +108,8 @@ def setup_logging(level: str, log_file: Path | None = None) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise UserError("mailfs must run as root (it mounts with allow_other and sets owners)")
     config = mount_config(args)
     if args.foreground:
         from mailfs import daemon

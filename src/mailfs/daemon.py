@@ -95,6 +95,7 @@ class Daemon:
             "evictions": store.evictions,
             "commits": store.commits,
             "commit_errors": store.commit_errors,
+            "journal_errors": store.journal_errors,
             "last_commit_error": store.last_commit_error,
             "replayed_records": store.replayed_records,
             "backing_calls": backing.calls,

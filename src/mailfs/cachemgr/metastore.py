@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import struct
 import time
 from collections import OrderedDict
@@ -80,6 +81,7 @@ class StoreStats:
     ram_hits: int = 0
     ram_misses: int = 0
     evictions: int = 0
+    journal_errors: int = 0
 
 
 def lmdb_errno(exc: lmdb.Error) -> int:
@@ -129,6 +131,7 @@ class MetaStore:
         self.stats = StoreStats()
         self.journal = Journal(state_dir)
         self._commit_lock = trio.Lock()
+        self._journal_error_logged = -1e9
         self._wake = trio.Event()
         with self.env.begin() as txn:
             self.committed_seq = self._meta_int(txn, b"seq")
@@ -278,7 +281,15 @@ class MetaStore:
     # ---------------------------------------------------------------- public mutators
 
     def _log(self, op: Op, *fields: Field) -> None:
-        record = self.journal.append(op, fields)
+        try:
+            record = self.journal.append(op, fields)
+        except OSError as exc:
+            self.stats.journal_errors += 1
+            if time.monotonic() - self._journal_error_logged > 10:
+                self._journal_error_logged = time.monotonic()
+                log.error("cannot journal a change to an index file (%s): the writer gets "
+                          "%s and nothing is changed", exc, errno.errorcode.get(exc.errno or 0))
+            raise
         self._apply(record)
         if self.journal.bytes_since_rotate >= self.commit_bytes:
             self._wake.set()
@@ -556,7 +567,18 @@ class MetaStore:
                 txn.put(b"next_fid", U64.pack(batch.next_fid), db=self.db_meta)
         except lmdb.Error as exc:
             code = lmdb_errno(exc)
+            if code == errno.EIO and self._disk_nearly_full(batch):
+                # LMDB reports a short write as EIO; on a full disk that means ENOSPC.
+                code = errno.ENOSPC
             raise OSError(code, f"LMDB commit failed: {exc}") from exc
+
+    def _disk_nearly_full(self, batch: Batch) -> bool:
+        try:
+            vfs = os.statvfs(self.state_dir)
+        except OSError:
+            return False
+        needed = sum(len(c) for image in batch.files for c in image.chunks.values())
+        return vfs.f_bavail * vfs.f_frsize < needed + (4 << 20)
 
     def _delete_file(self, txn: lmdb.Transaction, fid: int) -> None:
         key = FID.pack(fid)
