@@ -104,7 +104,7 @@ def convert(kind: str, key: str, value: object) -> object:
         return parse_size(value, key)
     if kind in ("seconds", "count"):
         try:
-            number = float(value) if kind == "seconds" else int(value)  # type: ignore[arg-type]
+            number = float(value) if kind == "seconds" else int(value)  # type: ignore[arg-type,call-overload]
         except (TypeError, ValueError):
             raise UserError(f"config: {key} must be a number, not {value!r}") from None
         if number < 0 or (kind == "count" and isinstance(value, float)):
@@ -173,7 +173,8 @@ def build(config_file: Path | None, overrides: dict[str, object]) -> Config:
         values.update(load_file(config_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(Config)}
-    config = replace(Config(), **{k: v for k, v in values.items() if k in known})
+    chosen: dict[str, Any] = {k: v for k, v in values.items() if k in known}
+    config = replace(Config(), **chosen)
     validate(config)
     return config
 

@@ -5,6 +5,7 @@ Only root (the socket's owner) can connect, so the channel needs no further auth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,10 +46,8 @@ class ControlServer:
         try:
             await trio.serve_listeners(self._client, [listener])
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-            except FileNotFoundError:
-                pass
 
     async def _client(self, stream: trio.abc.Stream) -> None:
         async with stream:
@@ -65,10 +64,8 @@ class ControlServer:
             except Exception as exc:
                 log.exception("control command failed")
                 reply = {"ok": False, "error": f"internal error: {exc}"}
-            try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     @staticmethod
     async def _read_request(stream: trio.abc.Stream) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -357,3 +356,22 @@ def test_statfs_reports_backing(mount: MailfsMount, dirs: Dirs) -> None:
     ours, theirs = os.statvfs(mount.mountpoint), os.statvfs(dirs.backing)
     assert ours.f_blocks == theirs.f_blocks
     assert ours.f_bsize == theirs.f_bsize
+
+
+@pytest.mark.parametrize(("src", "dst"), [("dovecot.index.tmp", "dovecot.index"),
+                                          ("a.msg", "b.msg"), ("a.lock", "b.lock")])
+def test_rename_noreplace(mount: MailfsMount, src: str, dst: str) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    (mount.mountpoint / src).write_text("new")
+    (mount.mountpoint / dst).write_text("old")
+    at_fdcwd, noreplace = -100, 1
+    result = libc.renameat2(at_fdcwd, os.fsencode(mount.mountpoint / src), at_fdcwd,
+                            os.fsencode(mount.mountpoint / dst), noreplace)
+    assert result == -1 and ctypes.get_errno() == errno.EEXIST
+    assert (mount.mountpoint / dst).read_text() == "old"
+    (mount.mountpoint / dst).unlink()
+    assert libc.renameat2(at_fdcwd, os.fsencode(mount.mountpoint / src), at_fdcwd,
+                          os.fsencode(mount.mountpoint / dst), noreplace) == 0
+    assert (mount.mountpoint / dst).read_text() == "new"

@@ -22,7 +22,9 @@ def mailfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mailfs", *args]
 
 
-def run_cli(*args: str, timeout: float = 120.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 120.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         mailfs_cmd(*args), capture_output=True, text=True, timeout=timeout, check=check
     )

@@ -79,7 +79,8 @@ def run_ops(store: MetaStore, ops: list[tuple[object, ...]]) -> None:
             store.commit_now()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations)
 def test_replay_after_crash_equals_live_state(tmp_path_factory, ops) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp("store")

@@ -10,6 +10,7 @@ already has.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -114,18 +115,14 @@ class Journal:
     def remove_through(self, generation: int) -> None:
         for old in self.generations():
             if old <= generation:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     self.path(old).unlink()
-                except FileNotFoundError:
-                    pass
 
     def size(self) -> int:
         total = 0
         for generation in self.generations():
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 total += self.path(generation).stat().st_size
-            except FileNotFoundError:
-                pass
         return total
 
     def close(self) -> None:

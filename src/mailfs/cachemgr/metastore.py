@@ -180,17 +180,17 @@ class MetaStore:
         with self.env.begin(db=self.dbs[db]) as txn:
             cursor = txn.cursor()
             if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if not key.startswith(prefix):
+                for raw_key, raw_value in cursor:
+                    if not raw_key.startswith(prefix):
                         break
-                    found[bytes(key)] = bytes(value)
+                    found[bytes(raw_key)] = bytes(raw_value)
         for layer in (self.committing, self.pending):
-            for (layer_db, key), value in layer.items():
-                if layer_db == db and key.startswith(prefix):
+            for (layer_db, layer_key), value in layer.items():
+                if layer_db == db and layer_key.startswith(prefix):
                     if value is None:
-                        found.pop(key, None)
+                        found.pop(layer_key, None)
                     else:
-                        found[key] = value
+                        found[layer_key] = value
         return found
 
     def _set(self, db: bytes, key: bytes, value: bytes | None) -> None:
@@ -675,7 +675,8 @@ class FileImage:
         return cls(stored.fid, stored.attrs.pack(), size, chunks, stale,
                    set(stored.dirty_chunks))
 
-    def write(self, txn: lmdb.Transaction, db_files: object, db_chunks: object) -> None:
+    def write(self, txn: lmdb.Transaction, db_files: lmdb._Database,
+              db_chunks: lmdb._Database) -> None:
         txn.put(FID.pack(self.fid), self.attrs, db=db_files)
         for index, data in self.chunks.items():
             txn.put(CHUNK_KEY.pack(self.fid, index), data, db=db_chunks)

@@ -13,6 +13,7 @@ operations await the backing store and are as atomic as the backing store makes 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -830,12 +831,19 @@ def _open_stat(path: bytes, flags: int) -> tuple[int, os.stat_result]:
         raise
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
 def _rename(old: bytes, new: bytes, noreplace: bool) -> None:
-    if noreplace:
-        # Python has no renameat2; link+unlink gives the same no-clobber guarantee for files.
-        if os.path.lexists(new):
-            raise oserror(errno.EEXIST)
-    os.rename(old, new)
+    if not noreplace:
+        os.rename(old, new)
+        return
+    # os.rename cannot refuse to clobber; renameat2 does it atomically in the kernel.
+    if _LIBC.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_NOREPLACE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), new)
 
 
 def _hardlink(source: bytes, target: bytes) -> None:
