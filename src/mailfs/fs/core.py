@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from mailfs.cachemgr.backing import Backing
 from mailfs.cachemgr.metastore import MetaStore, StoredFile
@@ -78,6 +79,7 @@ class MailFS:
         self.volatile: dict[tuple[bytes, bytes], VolatileFile] = {}
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirListing] = {}
+        self._imports: dict[int, trio.Event] = {}
         self._next_fh = 1
 
     # ------------------------------------------------------------------ helpers
@@ -239,11 +241,25 @@ class MailFS:
     # ------------------------------------------------------------------ import
 
     async def _import_dir(self, parent: Node, dirpath: bytes) -> None:
-        """Adopt index files that already sit on the backing path (migration from NFS)."""
-        parent.import_checked = True
-        if self.store.is_imported(dirpath):
+        """Adopt index files that already sit on the backing path (migration from NFS).
+
+        Concurrent first lookups in one directory wait for the same import: answering one
+        of them "no such file" meanwhile would be cached by the kernel as a negative entry.
+        """
+        running = self._imports.get(parent.inode)
+        if running is not None:
+            await running.wait()
             return
-        imported = await self.import_directory(dirpath)
+        if self.store.is_imported(dirpath):
+            parent.import_checked = True
+            return
+        done = self._imports[parent.inode] = trio.Event()
+        try:
+            imported = await self.import_directory(dirpath)
+            parent.import_checked = True
+        finally:
+            del self._imports[parent.inode]
+            done.set()
         if imported:
             log.info("imported %d index files from %s", imported,
                      dirpath.decode(errors="replace") or "/")
