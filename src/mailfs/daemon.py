@@ -181,12 +181,11 @@ def run(config: Config, ready_fd: int | None = None) -> int:
         except RuntimeError as exc:
             daemon.store.close()
             raise UserError(f"cannot mount {config.mountpoint}: {exc}") from None
-        unmount = True
         try:
             trio.run(daemon.main, ready_fd, control_socket)
-            unmount = False
         finally:
-            pyfuse3.close(unmount=unmount)
+            # Also after SIGTERM, when the kernel has not unmounted us: leave no dead mount.
+            pyfuse3.close(unmount=True)
             try:
                 daemon.store.commit_now()
             except OSError as exc:

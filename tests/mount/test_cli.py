@@ -203,3 +203,16 @@ def test_import_on_access_and_export(make_mount: MakeMount, dirs: Dirs) -> None:
     mount = make_mount()
     # Imported once: the store owns the file now, and later backing copies are ignored.
     assert (mount.mountpoint / "INBOX" / "dovecot.index").read_bytes() == b"changed on mailfs"
+
+
+def test_sigterm_commits_and_unmounts(make_mount: MakeMount, dirs: Dirs) -> None:
+    mount = make_mount()
+    (mount.mountpoint / "dovecot-uidlist").write_bytes(b"3 V1 N2\n")
+    assert mount.process is not None
+    mount.process.terminate()
+    assert mount.process.wait(timeout=60) == 0
+    assert not is_mounted(dirs.mnt)
+    assert "all changes committed" in mount.log()
+    mount.process = None
+    mount = make_mount()
+    assert (mount.mountpoint / "dovecot-uidlist").read_bytes() == b"3 V1 N2\n"
