@@ -42,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PASSWORD = "bench-secret"
 BACKENDS = ("local", "mailfs")
 TICK = float(os.sysconf("SC_CLK_TCK"))
+MAX_LOG_LINES = 8  # Dovecot/mailfs problem lines quoted per round
 
 
 # -- CPU accounting from /proc ------------------------------------------------------------
@@ -216,6 +217,11 @@ class Round:
     fatal: list[str]
     error_samples: list[str]
 
+    @property
+    def failed(self) -> bool:
+        """A client gave up: the figure says nothing about speed, so medians skip it."""
+        return bool(self.fatal) or self.total_ops == 0
+
     def per_op_ms(self, cpu: float | None) -> float | None:
         return None if cpu is None or not self.total_ops else 1000.0 * cpu / self.total_ops
 
@@ -364,7 +370,10 @@ class Run:
                 f"{side.label} {name}: {figures.errors} IMAP errors, "
                 f"{len(figures.fatal)} clients gave up"
             )
-            for line in [*figures.fatal, *figures.error_samples, *trouble[:30]]:
+            shown = [*figures.fatal, *figures.error_samples[:10], *trouble[:MAX_LOG_LINES]]
+            if len(trouble) > MAX_LOG_LINES:
+                shown.append(f"... and {len(trouble) - MAX_LOG_LINES} more log lines")
+            for line in shown:
                 self.problem(f"  {line}")
         why = side.health()
         if why is not None:
@@ -450,13 +459,14 @@ class Summary:
     mailfs_ms_per_op: float | None
     local_dovecot_ms: float | None
     mailfs_dovecot_ms: float | None
+    failed: dict[str, int]  # rounds left out of the medians, per backend
 
 
 def summarize(rounds: list[Round], formats: Sequence[str]) -> list[Summary]:
     summaries: list[Summary] = []
     for fmt in formats:
         mine = [r for r in rounds if r.fmt == fmt]
-        by_backend = {b: [r for r in mine if r.backend == b] for b in BACKENDS}
+        by_backend = {b: [r for r in mine if r.backend == b and not r.failed] for b in BACKENDS}
         local = median([r.ops_per_s for r in by_backend["local"]])
         mailfs = median([r.ops_per_s for r in by_backend["mailfs"]])
         local_by_round = {r.round: r.ops_per_s for r in by_backend["local"]}
@@ -472,6 +482,7 @@ def summarize(rounds: list[Round], formats: Sequence[str]) -> list[Summary]:
             mailfs_ms_per_op=median_ms(by_backend["mailfs"], "mailfs_cpu"),
             local_dovecot_ms=median_ms(by_backend["local"], "dovecot_cpu"),
             mailfs_dovecot_ms=median_ms(by_backend["mailfs"], "dovecot_cpu"),
+            failed={b: sum(1 for r in mine if r.backend == b and r.failed) for b in BACKENDS},
         ))
     return summaries
 
@@ -490,6 +501,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def fmt_num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def with_failed(value: float | None, failed: int) -> str:
+    return fmt_num(value) + (f" ({failed} FAILED)" if failed else "")
 
 
 def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str:
@@ -515,7 +530,8 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
     ]
     rows = [
         [
-            r.fmt, str(r.round + 1), str(r.position + 1), r.backend, fmt_num(r.ops_per_s),
+            r.fmt, str(r.round + 1), str(r.position + 1), r.backend,
+            "FAILED" if r.failed else fmt_num(r.ops_per_s),
             str(r.total_ops), str(r.errors), str(r.verified),
             fmt_num(r.per_op_ms(r.dovecot_cpu), 3),
             fmt_num(r.per_op_ms(r.mailfs_cpu), 3), fmt_num(r.per_op_ms(r.client_cpu), 3),
@@ -529,13 +545,17 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
         rows,
     )
     summaries = summarize(run.rounds, formats)
-    lines += ["", "summary (medians over rounds; ratio = median mailfs / median local):"]
+    lines += [
+        "",
+        "summary (medians over rounds that did not fail; ratio = median mailfs / median local):",
+    ]
     lines += table(
         ["format", "local ops/s", "mailfs ops/s", "ratio", "per-round ratios",
          "mailfs cpu ms/op", "dovecot cpu ms/op local/mailfs"],
         [
             [
-                s.fmt, fmt_num(s.local), fmt_num(s.mailfs), fmt_num(s.ratio, 3),
+                s.fmt, with_failed(s.local, s.failed["local"]),
+                with_failed(s.mailfs, s.failed["mailfs"]), fmt_num(s.ratio, 3),
                 " ".join(f"{p:.3f}" for p in s.paired) or "-", fmt_num(s.mailfs_ms_per_op, 3),
                 f"{fmt_num(s.local_dovecot_ms, 3)} / {fmt_num(s.mailfs_dovecot_ms, 3)}",
             ]
@@ -591,15 +611,22 @@ def render_chart(run: Run, formats: Sequence[str], path: Path) -> None:
         tallest = max([tallest, *heights])
         ax.bar(xs, heights, width * 0.92, label=f"{backend} (median)", color=colors[backend])
         for x, fmt in zip(xs, formats, strict=True):
-            points = [r.ops_per_s for r in run.rounds if r.fmt == fmt and r.backend == backend]
+            points = [
+                r.ops_per_s for r in run.rounds
+                if r.fmt == fmt and r.backend == backend and not r.failed
+            ]
             tallest = max([tallest, *points])
             ax.scatter([x] * len(points), points, s=14, color="black", zorder=3,
                        label="rounds" if (b_index, fmt) == (0, formats[0]) else None)
     for f_index, summary in enumerate(summaries):
+        if summary.ratio is None and summary.failed["mailfs"]:
+            ax.annotate(f"mailfs: {summary.failed['mailfs']} rounds FAILED", (f_index, 0),
+                        xytext=(0, 20), textcoords="offset points", ha="center",
+                        fontsize=9, color="red")
         if summary.ratio is not None:
             top = max(
                 [summary.local or 0.0, summary.mailfs or 0.0]
-                + [r.ops_per_s for r in run.rounds if r.fmt == summary.fmt]
+                + [r.ops_per_s for r in run.rounds if r.fmt == summary.fmt and not r.failed]
             )
             ax.annotate(f"mailfs/local = {summary.ratio:.2f}", (f_index, top),
                         xytext=(0, 10), textcoords="offset points", ha="center", fontsize=9)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mailfs.errors import UserError
-from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE
+from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE, validate_patterns
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -114,6 +114,9 @@ def convert(kind: str, key: str, value: object) -> object:
     if kind == "patterns":
         if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
             raise UserError(f"config: {key} must be a list of file-name patterns")
+        bad = validate_patterns(value)
+        if bad is not None:
+            raise UserError(f"config: {key} has an invalid pattern {bad!r}")
         return tuple(value)
     if kind == "level":
         if not isinstance(value, str) or value.upper() not in LEVELS:
@@ -155,6 +158,22 @@ def load_file(path: Path) -> dict[str, object]:
 FLAT_KINDS = {field_name(s, k): kind for s, keys in SECTIONS.items() for k, kind in keys.items()}
 
 
+def split_patterns(raw: str) -> list[str]:
+    """Colon-separated patterns; "re:" glues to the regular expression after it."""
+    patterns: list[str] = []
+    glue = False
+    for part in raw.split(":"):
+        if glue:
+            patterns[-1] += part
+            glue = False
+        elif part == "re":
+            patterns.append("re:")
+            glue = True
+        elif part:
+            patterns.append(part)
+    return patterns
+
+
 def apply_overrides(values: dict[str, object], overrides: dict[str, str]) -> None:
     for key, raw in overrides.items():
         name = key.replace("-", "_")
@@ -162,7 +181,7 @@ def apply_overrides(values: dict[str, object], overrides: dict[str, str]) -> Non
         if kind is None:
             raise UserError(f"unknown option {key!r}")
         if kind == "patterns":
-            values[name] = tuple(p for p in raw.split(":") if p)
+            values[name] = convert(kind, key, split_patterns(raw))
         else:
             values[name] = convert(kind, key, raw)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,7 +38,9 @@ def mail_format(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store(backend: str, workdir: Path) -> Iterator[MailStore]:
-    mail_store = MailStore(backend, workdir)
+    # e.g. MAILFS_TEST_MOUNT_ARGS="--debug -o index_timeout=0" to rerun the suite another way
+    extra_args = shlex.split(os.environ.get("MAILFS_TEST_MOUNT_ARGS", ""))
+    mail_store = MailStore(backend, workdir, extra_args)
     try:
         mail_store.start()
         yield mail_store

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hashlib import sha256
 
 import pytest
-from imapclient import IMAPClient
+from imapclient import IMAPClient  # type: ignore[import-untyped]
 
 from tests.rigs.dovecot import DEFAULT_USERS, Dovecot
 from tests.rigs.imap import (
@@ -188,7 +188,7 @@ def test_concurrent_clients(dovecot: Dovecot, store: MailStore) -> None:
     workers, rounds = 4, 8
     with login(dovecot) as client:
         client.create_folder("Shared")
-    start = threading.Barrier(workers)
+    start = threading.Barrier(workers, timeout=60)
 
     def work(worker: int) -> dict[int, tuple[bytes, frozenset[bytes]]]:
         mine: dict[int, tuple[bytes, frozenset[bytes]]] = {}

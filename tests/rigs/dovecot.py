@@ -6,6 +6,7 @@ so several can run side by side with a system Dovecot and never touch /run/dovec
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -32,6 +33,8 @@ PROBLEM_RE = re.compile(r"\b(Error|Panic|Fatal):")
 # format strings in libdovecot-storage.so (2.3.19) and cross-checked against the sources;
 # most are logged as Error:, but several (fsck, rebuild, "Fixed", sdbox/mdbox rebuilds) are
 # Warning: or Info:, which is why log_problems() alone is not enough after a restart.
+# Some losses are silent (a deleted dovecot-uidlist or sdbox index, a garbled log header):
+# only comparing imap.mailbox_state() before and after catches those.
 REBUILD_PATTERNS: tuple[str, ...] = (
     r"[Cc]orrupt",                        # index/log/cache/list index/dbox/uidlist corruption
     r"[Rr]ebuild",                        # sdbox/mdbox "Rebuilding index", list index rebuilds
@@ -95,11 +98,12 @@ def mail_location(mail_format: str) -> str:
 
 def render_config(
     *, base_dir: Path, state_dir: Path, log_path: Path, passwd_file: Path, mail_root: Path,
-    mail_format: str, port: int, uid: int, gid: int, instance: str,
+    mail_format: str, port: int, uid: int, gid: int, instance: str, greeting: str,
 ) -> str:
     # Built from scratch rather than from /etc/dovecot so a system config cannot leak in.
     return f"""\
 instance_name = {instance}
+login_greeting = {greeting}
 base_dir = {base_dir}
 state_dir = {state_dir}
 protocols = imap
@@ -163,12 +167,14 @@ class Dovecot:
         self.mail_root = mail_root
         self.mail_format = mail_format
         self.users = dict(users)
+        self._auto_port = port is None
         self.port = port or free_port()
         self.config_path = workdir / "dovecot.conf"
         self.log_path = workdir / "dovecot.log"
         self.stdout_path = workdir / "dovecot.stdout"
         self.base_dir = workdir / "run"
         self.process: subprocess.Popen[bytes] | None = None
+        self.greeting = f"mailfs-test-{os.getpid()}-{id(self):x}"
         mail_location(mail_format)  # validate early
 
     def write_config(self) -> None:
@@ -188,35 +194,49 @@ class Dovecot:
             base_dir=self.base_dir, state_dir=state_dir, log_path=self.log_path,
             passwd_file=passwd_file, mail_root=self.mail_root, mail_format=self.mail_format,
             port=self.port, uid=uid, gid=gid, instance=f"mailfs-test-{self.port}",
+            greeting=self.greeting,
         ))
 
     def start(self) -> Dovecot:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("Dovecot is already running")
+        for _attempt in range(3):
+            if self._start_once():
+                return self
+            # Someone took the port between free_port() and Dovecot's bind: take another.
+            self.port = free_port() if self._auto_port else self.port
+        raise RuntimeError(f"dovecot could not bind a port:\n{self._startup_output()}")
+
+    def _start_once(self) -> bool:
         self.write_config()
+        log_mark = self.log_offset()
         with open(self.stdout_path, "ab") as out:
-            self.process = subprocess.Popen(
+            process = subprocess.Popen(
                 [DOVECOT, "-F", "-c", str(self.config_path)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
+        self.process = process
         deadline = time.monotonic() + START_TIMEOUT
         while not self._greets():
-            if self.process.poll() is not None:
+            if process.poll() is not None:
+                if self._auto_port and "Address already in use" in self.log_text()[log_mark:]:
+                    return False
                 raise RuntimeError(
-                    f"dovecot exited with {self.process.returncode}:\n{self._startup_output()}"
+                    f"dovecot exited with {process.returncode}:\n{self._startup_output()}"
                 )
             if time.monotonic() > deadline:
                 self._kill_all()
                 raise RuntimeError(f"dovecot did not listen within {START_TIMEOUT}s:\n"
                                    f"{self._startup_output()}")
             time.sleep(0.05)
-        return self
+        return True
 
     def _greets(self) -> bool:
-        # A bare TCP connect is not enough: the greeting only comes once imap-login is up.
+        # Only our own greeting counts: a bare connect could reach another server on the port,
+        # and the greeting only comes once imap-login is up.
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
-                return sock.recv(64).startswith(b"* OK")
+                return self.greeting.encode() in sock.recv(256)
         except OSError:
             return False
 
@@ -331,10 +351,8 @@ def _wait_gone(pids: set[int], timeout: float) -> bool:
 
 def _kill_pids(pids: set[int]) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def prepare_mail_root(path: Path) -> Path:
@@ -345,7 +363,7 @@ def prepare_mail_root(path: Path) -> Path:
     path.chmod(0o755)
     for parent in path.resolve().parents:
         if parent.stat().st_mode & 0o001 == 0:
-            raise PermissionError(f"{parent} is not searchable by {MAIL_USER}; use a dir under /tmp")
+            raise PermissionError(f"{parent} is not searchable by {MAIL_USER}; use /tmp")
     return path
 
 

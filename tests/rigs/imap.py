@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from imapclient import IMAPClient
+from imapclient import IMAPClient  # type: ignore[import-untyped]
 
 Flags = frozenset[bytes]
 
@@ -37,10 +37,12 @@ class MailboxState:
             if (mine := getattr(self, name)) != (theirs := getattr(other, name))
         ]
         for uid in sorted(self.messages.keys() | other.messages.keys()):
-            if self.messages.get(uid) != other.messages.get(uid):
-                out.append(f"uid {uid} flags: {self.messages.get(uid)} != {other.messages.get(uid)}")
-            if self.digests.get(uid) != other.digests.get(uid):
-                out.append(f"uid {uid} body: {self.digests.get(uid)} != {other.digests.get(uid)}")
+            for what, mine, theirs in (
+                ("flags", self.messages.get(uid), other.messages.get(uid)),
+                ("body", self.digests.get(uid), other.digests.get(uid)),
+            ):
+                if mine != theirs:
+                    out.append(f"uid {uid} {what}: {mine} != {theirs}")
         return out
 
 
@@ -87,9 +89,10 @@ def all_mailbox_states(client: IMAPClient) -> dict[str, MailboxState]:
 # --- deterministic test mail -------------------------------------------------------------
 
 WORDS = (
-    "mail index dovecot fuse overlay cluster replica lmdb trio kernel cache flag keyword "
-    "mailbox message header body attachment server client quota folder archive"
-).split()
+    "mail", "index", "dovecot", "fuse", "overlay", "cluster", "replica", "lmdb", "trio",
+    "kernel", "cache", "flag", "keyword", "mailbox", "message", "header", "body",
+    "attachment", "server", "client", "quota", "folder", "archive",
+)
 
 
 def _text(rng: random.Random, size: int) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mailfs.config import build, load_file, parse_size
+from mailfs.config import apply_overrides, build, load_file, parse_size, split_patterns
 from mailfs.errors import UserError
 from mailfs.fs.classifier import Classifier, FileClass
 
@@ -50,6 +50,9 @@ def test_bad_sizes(bad: object) -> None:
     (b"subscriptions", FileClass.REPLICATED),
     (b"dovecot.index.log.newlock", FileClass.VOLATILE),
     (b"dovecot-uidlist.lock", FileClass.VOLATILE),
+    (b"mailboxes.lock9c1d576f25952f83", FileClass.VOLATILE),
+    (b"dovecot-uidlist.tmp", FileClass.REPLICATED),
+    (b"x.lockfile", FileClass.PASSTHROUGH),
     (b"u.1", FileClass.PASSTHROUGH),
     (b"m.3", FileClass.PASSTHROUGH),
     (b"1700000000.M1P2.host,S=100:2,S", FileClass.PASSTHROUGH),
@@ -58,3 +61,10 @@ def test_bad_sizes(bad: object) -> None:
 ])
 def test_default_classes(name: bytes, cls: FileClass) -> None:
     assert Classifier().classify(name) is cls
+
+
+def test_pattern_overrides_split_on_colons() -> None:
+    assert split_patterns("*.lock:re:.*\\.lock[0-9a-f]+:dovecot.index") == [
+        "*.lock", "re:.*\\.lock[0-9a-f]+", "dovecot.index"]
+    with pytest.raises(UserError, match="invalid pattern"):
+        apply_overrides({}, {"volatile": "re:("})

@@ -25,28 +25,58 @@ DEFAULT_REPLICATED: tuple[str, ...] = (
     "dovecot.map.index",
     "dovecot.map.index.*",
     "dovecot-uidlist",
+    "dovecot-uidlist.tmp",  # maildir rewrites the uidlist as .tmp and renames it over
     "dovecot-keywords",
+    "dovecot-keywords.tmp",
     "dovecot-uidvalidity",
     "dovecot-uidvalidity.*",
     "subscriptions",
+    "subscriptions.tmp",
     "dovecot-acl-list",
+    "dovecot-acl-list.tmp",
 )
 
 # Checked before the replicated patterns: dovecot.index.log.newlock is a lock, not an index.
+# file_create_locked() (mailbox list locks, ...) writes "<name>.lock<random hex>" and
+# link()s it to "<name>.lock", so that temp name must be in the lock's class too.
 DEFAULT_VOLATILE: tuple[str, ...] = (
     "*.lock",
     "*.newlock",
+    r"re:.*\.lock[0-9a-f]{1,16}",
 )
+
+
+REGEX_PREFIX = "re:"
+
+
+def _translate(pattern: str) -> str:
+    """A shell glob, or with a "re:" prefix a regular expression matching the whole name."""
+    if pattern.startswith(REGEX_PREFIX):
+        return rf"(?:{pattern[len(REGEX_PREFIX):]})\Z"
+    return fnmatch.translate(pattern)
 
 
 def _compile(patterns: Sequence[str]) -> re.Pattern[str] | None:
     if not patterns:
         return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+    return re.compile("|".join(f"(?:{_translate(p)})" for p in patterns), re.DOTALL)
+
+
+def validate_patterns(patterns: Sequence[str]) -> str | None:
+    """The first pattern that is not a valid expression, or None."""
+    for pattern in patterns:
+        try:
+            re.compile(_translate(pattern))
+        except re.error:
+            return pattern
+    return None
 
 
 class Classifier:
-    """Name -> FileClass from shell-style patterns on the file name (not the path)."""
+    """Name -> FileClass from patterns on the file name (not the path).
+
+Patterns are shell globs ("dovecot.index.*"), or regular expressions with a "re:" prefix.
+"""
 
     def __init__(
         self,
