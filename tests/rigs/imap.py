@@ -65,7 +65,9 @@ def mailbox_state(client: IMAPClient, mailbox: str) -> MailboxState:
     digests: dict[int, str] = {}
     for uid, data in fetched.items():
         messages[uid] = split_flags(data[b"FLAGS"])
-        digests[uid] = hashlib.sha256(data[b"BODY[]"]).hexdigest()
+        body = data.get(b"BODY[]")
+        # A damaged mailbox can answer a FETCH without the body; that is a difference too.
+        digests[uid] = hashlib.sha256(body).hexdigest() if body is not None else "no body"
     modseq = status.get(b"HIGHESTMODSEQ")
     return MailboxState(
         uidvalidity=int(status[b"UIDVALIDITY"]),
