@@ -29,7 +29,7 @@ from mailfs.control import ControlServer
 from mailfs.errors import UserError
 from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
-from mailfs.fs.operations import Operations
+from mailfs.fs.operations import REQUESTS, Operations
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,14 @@ class Daemon:
             "last_commit_error": store.last_commit_error,
             "replayed_records": store.replayed_records,
             "backing_calls": backing.calls,
+            "backing_calls_by_op": dict(backing.by_call.most_common()),
             "backing_errors": backing.errors,
             "backing_timeouts": backing.timeouts,
+            "backing_stalled_calls": self.backing.stalled_calls(),
             "backing_healthy": self.backing.healthy(),
             "healthy": self.backing.healthy() and not store.last_commit_error,
+            "requests": dict(REQUESTS.most_common()),
+            "requests_total": sum(REQUESTS.values()),
         }
 
     async def _flush(self, _request: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +130,7 @@ class Daemon:
             "import": self._import, "export": self._export,
         })
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.backing.serve)
             await nursery.start(self.store.run_committer)
             await nursery.start(control.serve)
             nursery.start_soon(self._watch_signals)

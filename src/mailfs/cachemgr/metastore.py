@@ -38,7 +38,9 @@ from mailfs.cachemgr.records import Attrs, Field, Op, Record
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
+# One LMDB overflow page holds 4096 - 16 bytes: a commit rewrites only the pages that changed,
+# so an append to a transaction log costs one page, not a large chunk.
+CHUNK = 4096 - 16
 FID = struct.Struct(">Q")
 CHUNK_KEY = struct.Struct(">QI")
 U64 = struct.Struct("<Q")

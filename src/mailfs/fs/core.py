@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class MailFS:
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirListing] = {}
         self._imports: dict[int, trio.Event] = {}
+        self.getattr_by_kind: Counter[str] = Counter()
         self._next_fh = 1
 
     # ------------------------------------------------------------------ helpers
@@ -124,10 +126,26 @@ class MailFS:
         entry.st_ctime_ns = ctime
         return entry
 
-    def _stat_entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        return self._entry(node, self.timeouts.passthrough, st.st_mode, st.st_nlink, st.st_uid,
-                           st.st_gid, st.st_size, st.st_atime_ns, st.st_mtime_ns,
-                           st.st_ctime_ns, st.st_blocks)
+    def _stat_entry(self, node: Node, st: os.stat_result,
+                    timeout: float | None = None) -> pyfuse3.EntryAttributes:
+        return self._entry(node, self.timeouts.passthrough if timeout is None else timeout,
+                           st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+                           st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks)
+
+    def _remember_dir_stat(self, node: Node | None, st: os.stat_result) -> None:
+        if node is not None and node.kind is Kind.DIR:
+            node.stat_cache = (time.monotonic(), st)
+
+    def _cached_dir_entry(self, node: Node) -> pyfuse3.EntryAttributes | None:
+        """A directory's attributes from our own last change to it, while still fresh."""
+        cached = node.stat_cache
+        if cached is None:
+            return None
+        left = self.timeouts.passthrough - (time.monotonic() - cached[0])
+        if left <= 0:
+            node.stat_cache = None
+            return None
+        return self._stat_entry(node, cached[1], left)
 
     def _attrs_entry(self, node: Node, attrs: Attrs) -> pyfuse3.EntryAttributes:
         return self._entry(node, self.timeouts.index, attrs.mode, attrs.nlink, attrs.uid,
@@ -197,17 +215,22 @@ class MailFS:
             return self._negative(self.timeouts.passthrough)
         kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
         node = self.table.placed(parent, name, kind, st.st_ino)
+        self._remember_dir_stat(node, st)
         node.lookups += 1
         return self._stat_entry(node, st)
 
     async def getattr(self, inode: int, count_lookup: bool = False) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        self.getattr_by_kind[node.kind.value] += 1
         entry = self._node_entry(node)
-        if entry is None:
-            if node.kind is Kind.DIR:
-                relative = self.table.dirpath(node)
-            else:
-                relative = self.table.child_path(self.table.nodes[node.parent], node.name)
+        if entry is None and node.kind is Kind.DIR:
+            entry = self._cached_dir_entry(node)
+            if entry is None:
+                st = await self._backing_stat(self.table.dirpath(node))
+                self._remember_dir_stat(node, st)
+                entry = self._stat_entry(node, st)
+        elif entry is None:
+            relative = self.table.child_path(self.table.nodes[node.parent], node.name)
             entry = self._stat_entry(node, await self._backing_stat(relative))
         if count_lookup:
             node.lookups += 1
@@ -379,8 +402,10 @@ class MailFS:
                                   ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self.backing.path(self.table.child_path(parent, name))
         open_flags = (flags & ~(os.O_APPEND | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL
-        fd, st = await self.backing.run(_create_owned, path, open_flags,
-                                        mode & 0o7777 & ~caller.umask, caller.uid, caller.gid)
+        fd, st, parent_st = await self.backing.run(
+            _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask, caller.uid,
+            caller.gid, self.backing.path(self.table.dirpath(parent)))
+        self._remember_dir_stat(parent, parent_st)
         node = self.table.placed(parent, name, Kind.PASSTHROUGH, st.st_ino)
         node.lookups += 1
         node.opens += 1
@@ -396,8 +421,10 @@ class MailFS:
             log.warning("refusing mkdir of %r: the name belongs to an index or lock file", name)
             raise oserror(errno.EPERM, "name reserved for index files")
         relative = self.table.child_path(parent, name)
-        st = await self.backing.run(_mkdir_owned, self.backing.path(relative),
-                                    mode & 0o7777 & ~caller.umask, caller.uid, caller.gid)
+        st, parent_st = await self.backing.run(
+            _mkdir_owned, self.backing.path(relative), mode & 0o7777 & ~caller.umask,
+            caller.uid, caller.gid, self.backing.path(self.table.dirpath(parent)))
+        self._remember_dir_stat(parent, parent_st)
         # A directory made here holds no index files on the backing path to import.
         self.store.mark_imported(relative)
         node = self.table.placed(parent, name, Kind.DIR, st.st_ino)
@@ -423,8 +450,10 @@ class MailFS:
                 raise oserror(errno.ENOENT)
             self._volatile_lost_link(volatile)
         else:
-            await self.backing.run(os.unlink,
-                                   self.backing.path(self.table.child_path(parent, name)))
+            parent_st = await self.backing.run(
+                _unlink, self.backing.path(self.table.child_path(parent, name)),
+                self.backing.path(dirpath))
+            self._remember_dir_stat(parent, parent_st)
             self.table.unplace(parent.inode, name)
 
     def _release_if_unused(self, fid: int) -> None:
@@ -451,7 +480,9 @@ class MailFS:
         relative = self.table.child_path(parent, name)
         if self.store.names_in(relative) or self._volatile_in(relative):
             raise oserror(errno.ENOTEMPTY)
-        await self.backing.run(os.rmdir, self.backing.path(relative))
+        parent_st = await self.backing.run(_rmdir, self.backing.path(relative),
+                                           self.backing.path(self.table.dirpath(parent)))
+        self._remember_dir_stat(parent, parent_st)
         self.store.remove_dir(relative)
         self.table.unplace(parent.inode, name)
 
@@ -545,8 +576,12 @@ class MailFS:
             (await self._backing_stat(old_rel)).st_mode)
         if is_dir and (self.store.names_in(new_rel) or self._volatile_in(new_rel)):
             raise oserror(errno.ENOTEMPTY)
-        await self.backing.run(_rename, self.backing.path(old_rel), self.backing.path(new_rel),
-                               noreplace)
+        src_st, dst_st = await self.backing.run(
+            _rename, self.backing.path(old_rel), self.backing.path(new_rel), noreplace,
+            self.backing.path(self.table.dirpath(src_dir)),
+            self.backing.path(self.table.dirpath(dst_dir)))
+        self._remember_dir_stat(src_dir, src_st)
+        self._remember_dir_stat(dst_dir, dst_st)
         if is_dir:
             self.store.rename_dir(old_rel, new_rel)
             self._rename_volatile_dir(old_rel, new_rel)
@@ -593,8 +628,11 @@ class MailFS:
             if dst_cls is not FileClass.PASSTHROUGH:
                 raise oserror(errno.EXDEV)
             source = self.table.child_path(self.table.nodes[node.parent], node.name)
-            await self.backing.run(_hardlink, self.backing.path(source),
-                                   self.backing.path(self.table.child_path(parent, new_name)))
+            parent_st = await self.backing.run(
+                _hardlink, self.backing.path(source),
+                self.backing.path(self.table.child_path(parent, new_name)),
+                self.backing.path(dirpath))
+            self._remember_dir_stat(parent, parent_st)
             self.table.entries[(parent.inode, new_name)] = node.inode
             node.aliases.append((parent.inode, new_name))
         else:
@@ -642,6 +680,7 @@ class MailFS:
             attr.st_atime_ns if fields.update_atime else None,
             attr.st_mtime_ns if fields.update_mtime else None,
         )
+        self._remember_dir_stat(node, st)
         return self._stat_entry(node, st)
 
     @staticmethod
@@ -744,7 +783,8 @@ class MailFS:
             if stored is not None:
                 stored.opens -= 1
         if handle.fd >= 0:
-            await self.backing.run(os.close, handle.fd)
+            # Nobody waits for release's answer, so neither do we for the close.
+            self.backing.submit(os.close, handle.fd)
         self._maybe_release(node)
 
     # ------------------------------------------------------------------ directories
@@ -802,32 +842,38 @@ class MailFS:
 
     # ------------------------------------------------------------------ status
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, object]:
         return {
             "inodes": len(self.table.nodes),
             "open_files": len(self.handles),
             "volatile_files": len(self.volatile),
             "volatile_bytes": sum(len(v.content) for v in self.volatile.values()),
+            "getattr_by_kind": dict(self.getattr_by_kind),
         }
 
 
 # ---------------------------------------------------------------------- thread functions
 
 
-def _create_owned(path: bytes, flags: int, mode: int, uid: int, gid: int
-                  ) -> tuple[int, os.stat_result]:
+# Functions that change a directory also return its new stat: the kernel asks for the
+# directory's attributes right after such a change, and this answers without another call.
+
+
+def _create_owned(path: bytes, flags: int, mode: int, uid: int, gid: int, parent: bytes
+                  ) -> tuple[int, os.stat_result, os.stat_result]:
     fd = os.open(path, flags, mode)
     try:
         os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)  # the daemon's own umask must not narrow the caller's mode
-        return fd, os.fstat(fd)
+        return fd, os.fstat(fd), os.lstat(parent)
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
 
 
-def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int) -> os.stat_result:
+def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int, parent: bytes
+                 ) -> tuple[os.stat_result, os.stat_result]:
     os.mkdir(path, mode)
     try:
         os.chown(path, uid, gid)
@@ -835,7 +881,17 @@ def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int) -> os.stat_result:
     except BaseException:
         os.rmdir(path)
         raise
-    return os.lstat(path)
+    return os.lstat(path), os.lstat(parent)
+
+
+def _unlink(path: bytes, parent: bytes) -> os.stat_result:
+    os.unlink(path)
+    return os.lstat(parent)
+
+
+def _rmdir(path: bytes, parent: bytes) -> os.stat_result:
+    os.rmdir(path)
+    return os.lstat(parent)
 
 
 def _open_stat(path: bytes, flags: int) -> tuple[int, os.stat_result]:
@@ -852,18 +908,21 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
-def _rename(old: bytes, new: bytes, noreplace: bool) -> None:
+def _rename(old: bytes, new: bytes, noreplace: bool, old_parent: bytes, new_parent: bytes
+            ) -> tuple[os.stat_result, os.stat_result]:
     if not noreplace:
         os.rename(old, new)
-        return
     # os.rename cannot refuse to clobber; renameat2 does it atomically in the kernel.
-    if _LIBC.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_NOREPLACE) != 0:
+    elif _LIBC.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_NOREPLACE) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), new)
+    old_st = os.lstat(old_parent)
+    return old_st, old_st if new_parent == old_parent else os.lstat(new_parent)
 
 
-def _hardlink(source: bytes, target: bytes) -> None:
+def _hardlink(source: bytes, target: bytes, parent: bytes) -> os.stat_result:
     os.link(source, target, follow_symlinks=False)
+    return os.lstat(parent)
 
 
 def _apply_setattr(path: bytes, fd: int, size: int | None, mode: int | None, uid: int,

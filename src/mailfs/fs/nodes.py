@@ -8,6 +8,7 @@ Replicated files get `REPLICATED_BASE + fid`, so their numbers are stable across
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -50,6 +51,9 @@ class Node:
     import_checked: bool = False
     # (mtime_ns, size) of the backing file when the kernel last cached its pages.
     cached_version: tuple[int, int] = (0, 0)
+    # Directories: (monotonic time, backing stat) taken right after our own change to the
+    # directory, so the getattr the kernel sends after that change needs no backing call.
+    stat_cache: tuple[float, os.stat_result] | None = None
     # Extra names of a hard-linked passthrough file: (parent inode, name).
     aliases: list[tuple[int, bytes]] = field(default_factory=list)
 
