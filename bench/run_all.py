@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
@@ -42,7 +43,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PASSWORD = "bench-secret"
 BACKENDS = ("local", "mailfs")
 TICK = float(os.sysconf("SC_CLK_TCK"))
+DISTURBED = 0.15  # foreign CPU share above which a round is flagged as disturbed
 MAX_LOG_LINES = 8  # Dovecot/mailfs problem lines quoted per round
+# Counters from `mailfs status` worth dividing by the number of IMAP operations.
+MAILFS_COUNTERS = (
+    "backing_calls", "backing_errors", "backing_timeouts", "ram_hits", "ram_misses", "commits",
+    "commit_errors", "evictions",
+)
 
 
 # -- CPU accounting from /proc ------------------------------------------------------------
@@ -181,7 +188,8 @@ class Side:
         if self.dovecot is not None and (
             self.dovecot.process is None or self.dovecot.process.poll() is not None
         ):
-            return "dovecot master exited"
+            killed = [line for line in self.dovecot.log_lines() if "Killed with signal" in line]
+            return "dovecot master exited" + (f" ({killed[-1]})" if killed else "")
         return None
 
     def new_problems(self, dovecot_mark: int) -> list[str]:
@@ -213,9 +221,18 @@ class Round:
     mailfs_cpu: float | None
     client_cpu: float
     machine_busy: float  # fraction of all CPUs busy during the timed window
+    machine_other: float  # fraction of all CPUs used by processes outside this benchmark
     per_op: dict[str, dict[str, float]]
     fatal: list[str]
     error_samples: list[str]
+    mailfs_counters: dict[str, float] | None = None  # daemon counters per IMAP operation
+
+    @property
+    def mailfs_core(self) -> float | None:
+        """The daemon's CPU as a share of one core; near 1.0 it is the bottleneck."""
+        if self.mailfs_cpu is None or not self.elapsed:
+            return None
+        return self.mailfs_cpu / self.elapsed
 
     @property
     def failed(self) -> bool:
@@ -231,15 +248,22 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
     os.sync()  # dirty pages of the last run must not be written back during this one
     mark = side.dovecot.log_offset()
     sample: dict[str, float] = {}
+    counters: list[dict[str, float] | None] = []
 
     def on_start() -> None:
+        if side.mount is not None:
+            counters.append(mailfs_counters(side.mail_root))
         sample["dovecot"] = tree_cpu(side.dovecot_pid)
         sample["mailfs"] = tree_cpu(side.mailfs_pid)
         sample["busy"], sample["total"] = system_cpu()
 
     def on_end() -> None:
         busy, total = system_cpu()
-        sample["busy"] = (busy - sample.get("busy", busy)) / max(1.0, total - sample["total"])
+        sample["busy_s"] = (busy - sample.get("busy", busy)) / TICK
+        sample["total_s"] = max(1.0, total - sample["total"]) / TICK
+        sample["busy"] = sample["busy_s"] / sample["total_s"]
+        if side.mount is not None:
+            counters.append(mailfs_counters(side.mail_root))
         pid = side.dovecot_pid
         deadline = time.monotonic() + 5
         while pid and live_children_named(pid, "imap") and time.monotonic() < deadline:
@@ -253,6 +277,13 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
         for name, stat in result.per_op().items()
     }
     elapsed = max((c.elapsed for c in result.clients), default=0.0)
+    ours = sample.get("dovecot", 0.0) + sample.get("mailfs", 0.0) + result.client_cpu_seconds
+    per_op_counters: dict[str, float] | None = None
+    before, after = [*counters, None, None][:2]
+    if before and after and result.total_ops:
+        per_op_counters = {
+            key: (after[key] - before[key]) / result.total_ops for key in after if key in before
+        }
     figures = Round(
         fmt=side.fmt, round=round_no, position=position, backend=side.backend,
         ops_per_s=result.ops_per_s, total_ops=result.total_ops, errors=result.total_errors,
@@ -260,9 +291,29 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
         elapsed=elapsed, dovecot_cpu=sample.get("dovecot", 0.0),
         mailfs_cpu=sample.get("mailfs") if side.mount else None,
         client_cpu=result.client_cpu_seconds, machine_busy=sample.get("busy", 0.0),
+        machine_other=max(0.0, sample.get("busy_s", 0.0) - ours) / sample.get("total_s", 1.0),
         per_op=per_op, fatal=result.fatal, error_samples=result.error_samples(),
+        mailfs_counters=per_op_counters,
     )
     return figures, mark
+
+
+def mailfs_counters(mountpoint: Path) -> dict[str, float] | None:
+    """The daemon's own counters, asked over its control socket (in-process: a few ms)."""
+    try:
+        control = importlib.import_module("mailfs.control")
+        cli = importlib.import_module("mailfs.cli")
+        config = importlib.import_module("mailfs.config")
+        path = config.control_socket_for(cli.DEFAULT_RUN_DIR, mountpoint)
+        status = control.call(path, "status", timeout=5.0)
+    except Exception:
+        return None
+    if not isinstance(status, dict):
+        return None
+    return {
+        key: float(status[key]) for key in MAILFS_COUNTERS
+        if isinstance(status.get(key), int | float)
+    }
 
 
 def load_config(
@@ -443,6 +494,12 @@ def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def best_ratio(local: Sequence[Round], mailfs: Sequence[Round]) -> float | None:
+    if not local or not mailfs:
+        return None
+    return max(r.ops_per_s for r in mailfs) / max(r.ops_per_s for r in local)
+
+
 def median_ms(rounds: Sequence[Round], attr: str) -> float | None:
     """Median over rounds of a CPU counter (seconds) per IMAP operation, in ms."""
     values = [v for r in rounds if (v := r.per_op_ms(getattr(r, attr))) is not None]
@@ -460,6 +517,8 @@ class Summary:
     local_dovecot_ms: float | None
     mailfs_dovecot_ms: float | None
     failed: dict[str, int]  # rounds left out of the medians, per backend
+    best_ratio: float | None  # best mailfs round / best local round: noise only slows down
+    disturbed: int  # rounds where other processes used much of the machine
 
 
 def summarize(rounds: list[Round], formats: Sequence[str]) -> list[Summary]:
@@ -483,6 +542,8 @@ def summarize(rounds: list[Round], formats: Sequence[str]) -> list[Summary]:
             local_dovecot_ms=median_ms(by_backend["local"], "dovecot_cpu"),
             mailfs_dovecot_ms=median_ms(by_backend["mailfs"], "dovecot_cpu"),
             failed={b: sum(1 for r in mine if r.backend == b and r.failed) for b in BACKENDS},
+            best_ratio=best_ratio(by_backend["local"], by_backend["mailfs"]),
+            disturbed=sum(1 for r in mine if r.machine_other > DISTURBED),
         ))
     return summaries
 
@@ -525,8 +586,10 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
         f"  mailfs extra args: {' '.join(args.mailfs_arg) or '(none)'}",
         "  mix (weights): " + ", ".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()),
         "",
-        "per round (cpu columns: CPU ms per IMAP operation; busy: share of all CPUs used;",
-        "verified: whole-body FETCHes that matched the appended bytes):",
+        "per round (cpu columns: CPU ms per IMAP operation; mailfs core: the daemon's CPU as a",
+        "share of one core; busy: share of all CPUs used; verified: whole-body FETCHes that",
+        "matched the appended bytes; other: share of all CPUs used by processes outside this",
+        f"benchmark, '!' above {100 * DISTURBED:.0f} %, i.e. the round was disturbed):",
     ]
     rows = [
         [
@@ -534,14 +597,17 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
             "FAILED" if r.failed else fmt_num(r.ops_per_s),
             str(r.total_ops), str(r.errors), str(r.verified),
             fmt_num(r.per_op_ms(r.dovecot_cpu), 3),
-            fmt_num(r.per_op_ms(r.mailfs_cpu), 3), fmt_num(r.per_op_ms(r.client_cpu), 3),
+            fmt_num(r.per_op_ms(r.mailfs_cpu), 3),
+            "-" if r.mailfs_core is None else f"{100 * r.mailfs_core:.0f}%",
+            fmt_num(r.per_op_ms(r.client_cpu), 3),
             f"{100 * r.machine_busy:.0f}%",
+            f"{100 * r.machine_other:.0f}%" + (" !" if r.machine_other > DISTURBED else ""),
         ]
         for r in run.rounds
     ]
     lines += table(
         ["format", "round", "order", "backend", "ops/s", "ops", "errors", "verified", "dovecot cpu",
-         "mailfs cpu", "client cpu", "busy"],
+         "mailfs cpu", "mailfs core", "client cpu", "busy", "other"],
         rows,
     )
     summaries = summarize(run.rounds, formats)
@@ -550,18 +616,31 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
         "summary (medians over rounds that did not fail; ratio = median mailfs / median local):",
     ]
     lines += table(
-        ["format", "local ops/s", "mailfs ops/s", "ratio", "per-round ratios",
-         "mailfs cpu ms/op", "dovecot cpu ms/op local/mailfs"],
+        ["format", "local ops/s", "mailfs ops/s", "ratio", "per-round ratios", "best-of ratio",
+         "disturbed", "mailfs cpu ms/op", "dovecot cpu ms/op local/mailfs"],
         [
             [
                 s.fmt, with_failed(s.local, s.failed["local"]),
                 with_failed(s.mailfs, s.failed["mailfs"]), fmt_num(s.ratio, 3),
-                " ".join(f"{p:.3f}" for p in s.paired) or "-", fmt_num(s.mailfs_ms_per_op, 3),
+                " ".join(f"{p:.3f}" for p in s.paired) or "-", fmt_num(s.best_ratio, 3),
+                str(s.disturbed), fmt_num(s.mailfs_ms_per_op, 3),
                 f"{fmt_num(s.local_dovecot_ms, 3)} / {fmt_num(s.mailfs_dovecot_ms, 3)}",
             ]
             for s in summaries
         ],
     )
+    counter_rows = []
+    for fmt in formats:
+        measured = [r.mailfs_counters for r in run.rounds
+                    if r.fmt == fmt and r.mailfs_counters and not r.failed]
+        if measured:
+            counter_rows.append([fmt] + [
+                fmt_num(median([m[key] for m in measured if key in m]), 2)
+                for key in MAILFS_COUNTERS
+            ])
+    if counter_rows:
+        lines += ["", "mailfs daemon counters per IMAP operation (mailfs status, round median):"]
+        lines += table(["format", *MAILFS_COUNTERS], counter_rows)
     for fmt in formats:
         merged: dict[str, dict[str, dict[str, float]]] = {b: {} for b in BACKENDS}
         for r in run.rounds:

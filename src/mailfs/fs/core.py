@@ -783,8 +783,7 @@ class MailFS:
             if stored is not None:
                 stored.opens -= 1
         if handle.fd >= 0:
-            # Nobody waits for release's answer, so neither do we for the close.
-            self.backing.submit(os.close, handle.fd)
+            await self.backing.run(os.close, handle.fd)
         self._maybe_release(node)
 
     # ------------------------------------------------------------------ directories
