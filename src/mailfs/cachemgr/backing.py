@@ -125,14 +125,9 @@ class Backing:
 
     def _deliver(self, job: _Job, result: outcome.Outcome[Any]) -> None:
         self._in_flight.discard(job)
-        if job.task is not None:
-            elapsed = time.monotonic() - job.started
-            self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
-        if job.task is None:
-            if isinstance(result, outcome.Error):
-                self.stats.errors += 1
-                log.warning("backing store call %s failed: %s", job.fn.__name__, result.error)
-        elif not job.abandoned:
+        elapsed = time.monotonic() - job.started
+        self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
+        if not job.abandoned and job.task is not None:
             trio.lowlevel.reschedule(job.task, result)
 
     def _expire(self, cutoff: float) -> None:
@@ -202,14 +197,6 @@ class Backing:
     def _count_error(self, exc: OSError) -> None:
         if exc.errno not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
             self.stats.errors += 1
-
-    def submit(self, fn: Callable[..., object], *args: object) -> None:
-        """Run a call whose result nobody waits for (closing a file at release)."""
-        self.stats.calls += 1
-        self.stats.by_call[fn.__name__] += 1
-        job = _Job(fn, args, None)
-        self._in_flight.add(job)
-        self._jobs.put(job)
 
     def healthy(self) -> bool:
         return time.time() - self.stats.last_timeout > 60 and os.path.isdir(self.root)

@@ -30,7 +30,15 @@ from mailfs.cachemgr.backing import Backing
 from mailfs.cachemgr.metastore import MetaStore, StoredFile
 from mailfs.cachemgr.records import Attrs
 from mailfs.fs.classifier import Classifier, FileClass
-from mailfs.fs.nodes import ROOT, Handle, InodeTable, Kind, Node, VolatileFile
+from mailfs.fs.nodes import (
+    ROOT,
+    Handle,
+    InodeTable,
+    Kind,
+    Node,
+    VolatileFile,
+    backing_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +222,7 @@ class MailFS:
         except FileNotFoundError:
             return self._negative(self.timeouts.passthrough)
         kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
-        node = self.table.placed(parent, name, kind, st.st_ino)
+        node = self.table.placed(parent, name, kind, backing_identity(st))
         self._remember_dir_stat(node, st)
         node.lookups += 1
         return self._stat_entry(node, st)
@@ -406,7 +414,7 @@ class MailFS:
             _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask, caller.uid,
             caller.gid, self.backing.path(self.table.dirpath(parent)))
         self._remember_dir_stat(parent, parent_st)
-        node = self.table.placed(parent, name, Kind.PASSTHROUGH, st.st_ino)
+        node = self.table.placed(parent, name, Kind.PASSTHROUGH, backing_identity(st))
         node.lookups += 1
         node.opens += 1
         node.cached_version = (st.st_mtime_ns, st.st_size)
@@ -427,7 +435,7 @@ class MailFS:
         self._remember_dir_stat(parent, parent_st)
         # A directory made here holds no index files on the backing path to import.
         self.store.mark_imported(relative)
-        node = self.table.placed(parent, name, Kind.DIR, st.st_ino)
+        node = self.table.placed(parent, name, Kind.DIR, backing_identity(st))
         node.import_checked = True
         node.lookups += 1
         return self._stat_entry(node, st)
@@ -806,7 +814,7 @@ class MailFS:
             if self.classifier.classify(name) is not FileClass.PASSTHROUGH:
                 continue  # backing copies of index files are hidden; the store has them
             kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
-            node = self.table.placed(parent, name, kind, st.st_ino)
+            node = self.table.placed(parent, name, kind, backing_identity(st))
             result.append((name, self._stat_entry(node, st), node))
         for name, fid in sorted(self.store.names_in(dirpath).items()):
             node = self.table.replicated(fid)

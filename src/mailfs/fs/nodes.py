@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -17,6 +18,12 @@ from mailfs.cachemgr.records import Attrs
 
 ROOT = int(pyfuse3.ROOT_INODE)
 REPLICATED_BASE = 1 << 40
+REMEMBERED_NUMBERS = 1 << 20
+
+
+def backing_identity(st: os.stat_result) -> int:
+    """One integer for (st_dev, st_ino): a backing path may span several filesystems."""
+    return (st.st_dev << 64) | st.st_ino
 
 
 class Kind(enum.Enum):
@@ -71,12 +78,31 @@ class InodeTable:
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, Kind.DIR, lookups=1)}
         self.entries: dict[tuple[int, bytes], int] = {}
         self.fid_inode: dict[int, int] = {}
+        # backing identity -> our inode number, kept after the kernel forgets the inode so
+        # that a file keeps its number for the life of the mount (within this bound).
+        self.numbers: OrderedDict[int, int] = OrderedDict()
         self._next = 2
 
     def allocate(self) -> int:
         inode = self._next
         self._next += 1
         return inode
+
+    def _number_for(self, backing_ino: int) -> int:
+        """The inode number a backing file had before the kernel forgot it, or a new one.
+
+        A number still in use is never handed out again: if the backing store reused an
+        inode number while the kernel still holds our old inode, sharing it would merge two
+        files, so that case gets a fresh number.
+        """
+        number = self.numbers.get(backing_ino)
+        if number is None or number in self.nodes:
+            number = self.allocate()
+        self.numbers[backing_ino] = number
+        self.numbers.move_to_end(backing_ino)
+        if len(self.numbers) > REMEMBERED_NUMBERS:
+            self.numbers.popitem(last=False)
+        return number
 
     def get(self, inode: int) -> Node:
         return self.nodes[inode]
@@ -112,7 +138,7 @@ class InodeTable:
             if node.backing_ino == backing_ino and node.kind is kind:
                 return node
             self.unplace(parent.inode, name)
-        node = Node(self.allocate(), kind, parent=parent.inode, name=name,
+        node = Node(self._number_for(backing_ino), kind, parent=parent.inode, name=name,
                     backing_ino=backing_ino)
         self.nodes[node.inode] = node
         self.entries[key] = node.inode
