@@ -144,14 +144,22 @@ class Backing:
                     job.task, outcome.Error(OSError(errno.EIO, "backing store timed out")))
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run fn(*args) on a worker; quick calls come back without leaving the task."""
+        return await self._run(fn, args, self._recent_seconds < SLOW_CALL)
+
+    async def run_waiting(self, fn: Callable[..., T], *args: object) -> T:
+        """For calls that wait for the disk (fsync): the loop keeps serving meanwhile."""
+        return await self._run(fn, args, False)
+
+    async def _run(self, fn: Callable[..., T], args: tuple[object, ...], quick: bool) -> T:
         self.stats.calls += 1
         self.stats.by_call[fn.__name__] += 1
         job = _Job(fn, args, trio.lowlevel.current_task())
-        if self._recent_seconds < SLOW_CALL:
-            quick = self._wait_briefly(job)
-            if quick is not None:
+        if quick:
+            answer = self._wait_briefly(job)
+            if answer is not None:
                 await trio.lowlevel.checkpoint_if_cancelled()
-                return self._unwrap(quick)  # type: ignore[no-any-return]
+                return self._unwrap(answer)  # type: ignore[no-any-return]
         else:
             self._in_flight.add(job)
             self._jobs.put(job)

@@ -778,7 +778,7 @@ class MailFS:
         if handle.node.kind is Kind.REPLICATED:
             await self.store.sync()
         elif handle.node.kind is Kind.PASSTHROUGH:
-            await self.backing.run(os.fdatasync if datasync else os.fsync, handle.fd)
+            await self.backing.run_waiting(os.fdatasync if datasync else os.fsync, handle.fd)
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
@@ -837,7 +837,8 @@ class MailFS:
         if listing is None:
             raise oserror(errno.EBADF)
         await self.store.sync()
-        await self.backing.run(_fsync_dir, self.backing.path(self.table.dirpath(listing.node)))
+        await self.backing.run_waiting(_fsync_dir,
+                                       self.backing.path(self.table.dirpath(listing.node)))
 
     async def statfs(self) -> pyfuse3.StatvfsData:
         st = await self.backing.run(os.statvfs, self.backing.root)
