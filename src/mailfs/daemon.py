@@ -149,7 +149,11 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("got signal %d: committing and unmounting", signum)
-                await self.store.commit()
+                try:
+                    await self.store.commit()
+                except OSError as exc:
+                    log.error("commit before unmounting failed (%s); the journal keeps the "
+                              "changes for the next mount", exc)
                 pyfuse3.terminate()
 
 

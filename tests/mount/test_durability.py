@@ -248,3 +248,19 @@ def test_full_disk_gives_enospc_and_loses_nothing(dirs: Dirs, small_disk: Path) 
     finally:
         mount.stop()
         mount.kill()
+
+
+def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs: Dirs) -> None:
+    """A zero-filled tail (machine crash) must not stop the replay of every later journal."""
+    mount = make_mount()
+    (mount.mountpoint / "dovecot.index").write_bytes(b"one")
+    mount.kill()
+    journal = max(p for p in dirs.state.iterdir() if p.name.startswith("journal-"))
+    with open(journal, "ab") as handle:
+        handle.write(b"\0" * 4096)
+    mount = make_mount()
+    assert (mount.mountpoint / "dovecot.index").read_bytes() == b"one"
+    (mount.mountpoint / "dovecot-uidlist").write_bytes(b"two")  # only in the journal now
+    mount.kill()
+    mount = make_mount()
+    assert (mount.mountpoint / "dovecot-uidlist").read_bytes() == b"two"

@@ -63,8 +63,9 @@ class _Job:
         self.task = task
         self.started = time.monotonic()
         self.abandoned = False
-        # While `waiting` is True the trio thread blocks on `done` for the result.
-        self.waiting = False
+        # While `waiting` is True the trio thread blocks on `done` for the result; None
+        # marks a call that never took the fast path (it does not rate the backing store).
+        self.waiting: bool | None = None
         self.done: Any = None
         self.result: outcome.Outcome[Any] | None = None
 
@@ -113,7 +114,7 @@ class Backing:
             with self._handoff:
                 job.result = result
                 waiting = job.waiting
-            if waiting:
+            if waiting is True:
                 job.done.release()
                 continue
             token = self._token
@@ -125,8 +126,9 @@ class Backing:
 
     def _deliver(self, job: _Job, result: outcome.Outcome[Any]) -> None:
         self._in_flight.discard(job)
-        elapsed = time.monotonic() - job.started
-        self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
+        if job.waiting is not None:  # fsyncs are slow by nature and say nothing here
+            elapsed = time.monotonic() - job.started
+            self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
         if not job.abandoned and job.task is not None:
             trio.lowlevel.reschedule(job.task, result)
 

@@ -77,10 +77,15 @@ class Journal:
         self._open(self.generation + 1)
 
     def _open(self, generation: int) -> None:
+        # Open first and swap after: if the open fails, the old file stays in use, and
+        # self.fd never names a closed descriptor that a later open() could reuse.
+        fd = os.open(self.path(generation), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        old, self.fd = self.fd, fd
         self.generation = generation
-        self.fd = os.open(self.path(generation), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self.offset = os.fstat(self.fd).st_size
+        self.offset = os.fstat(fd).st_size
         self.bytes_since_rotate = 0
+        if old >= 0:
+            os.close(old)
 
     def append(self, op: Op, fields: tuple[Field, ...]) -> Record:
         record = Record(self.seq + 1, op, fields)
@@ -108,7 +113,6 @@ class Journal:
     def rotate(self) -> int:
         """Start a new file; returns the generation that the coming commit covers."""
         closed = self.generation
-        os.close(self.fd)
         self._open(closed + 1)
         return closed
 

@@ -152,6 +152,9 @@ class MetaStore:
             self._apply_drop(fid)
         self.journal.start(max(self.journal.seq, self.committed_seq))
         self.commit_now()
+        # LMDB now holds everything replay could trust. Older journal files go, including
+        # one that replay stopped in: left there, it would stop every later replay early.
+        self.journal.remove_through(self.journal.generation - 1)
         if replayed:
             log.info("recovered %d journal records after an unclean stop", replayed)
         return replayed
@@ -327,7 +330,12 @@ class MetaStore:
         self._log(Op.RENAME, src_dir, src_name, dst_dir, dst_name, time.time_ns())
 
     def rename_dir(self, old: bytes, new: bytes) -> None:
-        if self._names_under(old):
+        """Move the names under a renamed directory, and its import state, to the new path.
+
+        Logged even when nothing is under `old`: whatever was recorded under `new` (the
+        import marker of an empty directory renamed over) must go.
+        """
+        if self._names_under(old) or self._names_under(new):
             self._log(Op.RENAME_DIR, old, new)
 
     def remove_dir(self, dirpath: bytes) -> None:
@@ -470,6 +478,8 @@ class MetaStore:
         self._bind(dst_dir, dst_name, int(FID.unpack(moving)[0]), ctime_ns)
 
     def _apply_rename_dir(self, old: bytes, new: bytes) -> None:
+        for key in self._names_under(new):
+            self._set(b"names", key, None)
         for key, value in self._names_under(old).items():
             self._set(b"names", new + key[len(old):], value)
             self._set(b"names", key, None)

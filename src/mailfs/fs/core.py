@@ -13,6 +13,7 @@ operations await the backing store and are as atomic as the backing store makes 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -20,7 +21,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyfuse3
@@ -238,11 +239,27 @@ class MailFS:
                 self._remember_dir_stat(node, st)
                 entry = self._stat_entry(node, st)
         elif entry is None:
-            relative = self.table.child_path(self.table.nodes[node.parent], node.name)
-            entry = self._stat_entry(node, await self._backing_stat(relative))
+            fd = self._open_fd(node)
+            if fd >= 0:
+                # An open file may have lost its name (expunged, or renamed over): its
+                # own fd still describes it, its old path does not.
+                st = await self.backing.run(os.fstat, fd)
+            elif node.detached:
+                raise oserror(errno.ESTALE)
+            else:
+                relative = self.table.child_path(self.table.nodes[node.parent], node.name)
+                st = await self._backing_stat(relative)
+            entry = self._stat_entry(node, st)
         if count_lookup:
             node.lookups += 1
         return entry
+
+    def _open_fd(self, node: Node) -> int:
+        if node.opens:
+            for handle in self.handles.values():
+                if handle.node is node and handle.fd >= 0:
+                    return handle.fd
+        return -1
 
     def forget(self, inode: int, count: int) -> None:
         node = self.table.nodes.get(inode)
@@ -265,7 +282,10 @@ class MailFS:
             self.table.fid_inode.pop(node.fid, None)
             del self.table.nodes[node.inode]
         elif node.kind is Kind.VOLATILE:
-            del self.table.nodes[node.inode]
+            # The node is the lock's identity: while a name refers to it, it stays.
+            assert node.volatile is not None
+            if node.volatile.attrs.nlink <= 0:
+                del self.table.nodes[node.inode]
         elif node.children == 0:
             self.table.forget_placed(node)
 
@@ -486,13 +506,21 @@ class MailFS:
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
         parent = self._dir(parent_inode)
         relative = self.table.child_path(parent, name)
+        if self.import_on_access and not self.store.is_imported(relative):
+            # Adopt what the backing path holds first: the check below must see it.
+            await self.import_directory(relative)
         if self.store.names_in(relative) or self._volatile_in(relative):
             raise oserror(errno.ENOTEMPTY)
-        parent_st = await self.backing.run(_rmdir, self.backing.path(relative),
-                                           self.backing.path(self.table.dirpath(parent)))
+        parent_st = await self.backing.run(
+            _rmdir_with_stale_copies, self.backing.path(relative),
+            self.backing.path(self.table.dirpath(parent)), self._hidden_name)
         self._remember_dir_stat(parent, parent_st)
         self.store.remove_dir(relative)
         self.table.unplace(parent.inode, name)
+
+    def _hidden_name(self, name: bytes) -> bool:
+        """Names the mount never shows from the backing path (the store owns them)."""
+        return self.classifier.classify(name) is not FileClass.PASSTHROUGH
 
     def _volatile_in(self, dirpath: bytes) -> bool:
         return any(d == dirpath for d, _ in self.volatile)
@@ -897,7 +925,21 @@ def _unlink(path: bytes, parent: bytes) -> os.stat_result:
     return os.lstat(parent)
 
 
-def _rmdir(path: bytes, parent: bytes) -> os.stat_result:
+def _rmdir_with_stale_copies(path: bytes, parent: bytes,
+                             hidden: Callable[[bytes], bool]) -> os.stat_result:
+    """rmdir, after removing backing copies of index files that import left behind.
+
+    The directory looks empty through the mount, and the store holds no names in it, so
+    such copies are stale: keeping them would make the rmdir fail with ENOTEMPTY.
+    """
+    try:
+        entries = [e.name for e in os.scandir(path)]
+    except FileNotFoundError:
+        entries = []
+    if entries and all(hidden(name) for name in entries):
+        for name in entries:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(path + b"/" + name)
     os.rmdir(path)
     return os.lstat(parent)
 

@@ -56,6 +56,8 @@ class Node:
     opens: int = 0
     children: int = 0
     import_checked: bool = False
+    # A passthrough file whose name now belongs to another file (unlinked, renamed over).
+    detached: bool = False
     # (mtime_ns, size) of the backing file when the kernel last cached its pages.
     cached_version: tuple[int, int] = (0, 0)
     # Directories: (monotonic time, backing stat) taken right after our own change to the
@@ -154,6 +156,7 @@ class InodeTable:
             if node.aliases:
                 node.parent, node.name = node.aliases.pop()
                 return node
+            node.detached = True
         elif (parent_inode, name) in node.aliases:
             node.aliases.remove((parent_inode, name))
         return node
