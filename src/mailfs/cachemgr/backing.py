@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,8 @@ WATCHDOG_PERIOD = 0.5
 SYNC_WAIT = 0.002
 # Calls slower than this on average make the fast path stand aside.
 SLOW_CALL = SYNC_WAIT / 2
+# A probe of the backing root unanswered for this long means the store is stalled.
+STALL_AFTER = 2.0
 
 
 @dataclass
@@ -54,13 +57,17 @@ class BackingStats:
 
 
 class _Job:
-    __slots__ = ("abandoned", "args", "done", "fn", "result", "started", "task", "waiting")
+    __slots__ = ("abandoned", "args", "cleanup", "done", "fn", "result", "started", "task",
+                 "waiting")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[object, ...],
-                 task: trio.lowlevel.Task | None) -> None:
+                 task: trio.lowlevel.Task | None,
+                 cleanup: Callable[[Any], object] | None = None) -> None:
         self.fn = fn
         self.args = args
         self.task = task
+        # Undoes a result that arrives after its caller was failed (closes an opened fd).
+        self.cleanup = cleanup
         self.started = time.monotonic()
         self.abandoned = False
         # While `waiting` is True the trio thread blocks on `done` for the result; None
@@ -83,6 +90,8 @@ class Backing:
         # Decides between the two ways of handing a result back (see the module docstring).
         self._handoff = threading.Lock()
         self._recent_seconds = 0.0
+        self._probe_job: _Job | None = None
+        self.root_ok = True
 
     def path(self, relative: bytes) -> bytes:
         return self.root + b"/" + relative if relative else self.root
@@ -101,6 +110,7 @@ class Backing:
             while True:
                 await trio.sleep(WATCHDOG_PERIOD)
                 self._expire(time.monotonic() - self.timeout)
+                self._probe()
         finally:
             for _ in self._workers:
                 self._jobs.put(None)
@@ -114,6 +124,10 @@ class Backing:
             with self._handoff:
                 job.result = result
                 waiting = job.waiting
+                abandoned = job.abandoned
+            if abandoned:
+                self._undo(job, result)
+                continue
             if waiting is True:
                 job.done.release()
                 continue
@@ -124,8 +138,22 @@ class Backing:
             except trio.RunFinishedError:
                 return
 
+    @staticmethod
+    def _undo(job: _Job, result: outcome.Outcome[Any]) -> None:
+        if job.cleanup is None or not isinstance(result, outcome.Value):
+            return
+        try:
+            job.cleanup(result.value)
+        except OSError as exc:
+            log.warning("cleaning up after the late %s failed: %s", job.fn.__name__, exc)
+
     def _deliver(self, job: _Job, result: outcome.Outcome[Any]) -> None:
         self._in_flight.discard(job)
+        if job.abandoned:
+            # Only when the watchdog or a cancel got there first; runs on the trio thread,
+            # so cleanups must not touch the backing store (closing an fd is fine).
+            self._undo(job, result)
+            return
         if job.waiting is not None:  # fsyncs are slow by nature and say nothing here
             elapsed = time.monotonic() - job.started
             self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
@@ -135,7 +163,8 @@ class Backing:
     def _expire(self, cutoff: float) -> None:
         for job in [j for j in self._in_flight if j.started < cutoff]:
             self._in_flight.discard(job)
-            job.abandoned = True
+            with self._handoff:
+                job.abandoned = True
             self.stats.timeouts += 1
             self.stats.last_timeout = time.time()
             log.error("backing store call %s did not return within %.0fs; failing it with "
@@ -153,10 +182,16 @@ class Backing:
         """For calls that wait for the disk (fsync): the loop keeps serving meanwhile."""
         return await self._run(fn, args, False)
 
-    async def _run(self, fn: Callable[..., T], args: tuple[object, ...], quick: bool) -> T:
+    async def run_undoable(self, cleanup: Callable[[T], object], fn: Callable[..., T],
+                           *args: object) -> T:
+        """Like run; if the caller has been failed by then, cleanup(result) runs instead."""
+        return await self._run(fn, args, self._recent_seconds < SLOW_CALL, cleanup)
+
+    async def _run(self, fn: Callable[..., T], args: tuple[object, ...], quick: bool,
+                   cleanup: Callable[[T], object] | None = None) -> T:
         self.stats.calls += 1
         self.stats.by_call[fn.__name__] += 1
-        job = _Job(fn, args, trio.lowlevel.current_task())
+        job = _Job(fn, args, trio.lowlevel.current_task(), cleanup)
         if quick:
             answer = self._wait_briefly(job)
             if answer is not None:
@@ -167,7 +202,8 @@ class Backing:
             self._jobs.put(job)
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-            job.abandoned = True
+            with self._handoff:
+                job.abandoned = True
             self._in_flight.discard(job)
             return trio.lowlevel.Abort.SUCCEEDED
 
@@ -208,8 +244,35 @@ class Backing:
         if exc.errno not in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY):
             self.stats.errors += 1
 
+    def _probe(self) -> None:
+        """Keep one stat of the backing root in flight: an unanswered one means a stall.
+
+        Health is judged from this, never by touching the backing store on the trio thread
+        (status would hang with the store, and with it the whole mount).
+        """
+        if self._probe_job is not None and self._probe_job.result is None:
+            return
+        if self._probe_job is not None:
+            result = self._probe_job.result
+            self.root_ok = isinstance(result, outcome.Value) and stat.S_ISDIR(
+                result.value.st_mode)
+        self._probe_job = _Job(os.stat, (self.root,), None)
+        self._probe_job.waiting = True  # the worker stores the result; nobody is woken
+        self._probe_job.done = threading.Lock()
+        self._probe_job.done.acquire()
+        self._jobs.put(self._probe_job)
+
+    def stalled(self) -> bool:
+        """The backing store has not answered for a while (judged without touching it)."""
+        probe = self._probe_job
+        if probe is not None and probe.result is None and (
+                time.monotonic() - probe.started > STALL_AFTER):
+            return True
+        return time.time() - self.stats.last_timeout < STALL_AFTER
+
     def healthy(self) -> bool:
-        return time.time() - self.stats.last_timeout > 60 and os.path.isdir(self.root)
+        return (self.root_ok and not self.stalled()
+                and time.time() - self.stats.last_timeout > 60)
 
     def stalled_calls(self) -> int:
         cutoff = time.monotonic() - min(self.timeout, 5.0)

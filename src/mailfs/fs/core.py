@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 import trio
@@ -43,6 +44,8 @@ from mailfs.fs.nodes import (
 
 log = logging.getLogger(__name__)
 
+# Kernel cache time for directory attributes served stale while the backing store stalls.
+STALE_TIMEOUT = 1.0
 # Index files bigger than this on the backing path are not index files; leave them there.
 IMPORT_LIMIT = 1 << 30
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_APPEND
@@ -146,15 +149,31 @@ class MailFS:
             node.stat_cache = (time.monotonic(), st)
 
     def _cached_dir_entry(self, node: Node) -> pyfuse3.EntryAttributes | None:
-        """A directory's attributes from our own last change to it, while still fresh."""
+        """A directory's attributes from our own last change to it, while still fresh.
+
+        While the backing store is stalled, the last known attributes serve whatever their
+        age: the kernel revalidates directories on every path walk once its cache expires,
+        and index files inside them must stay reachable.
+        """
         cached = node.stat_cache
         if cached is None:
             return None
         left = self.timeouts.passthrough - (time.monotonic() - cached[0])
         if left <= 0:
-            node.stat_cache = None
-            return None
+            if not self.backing.stalled():
+                return None
+            left = STALE_TIMEOUT
         return self._stat_entry(node, cached[1], left)
+
+    def _stalled_dir_entry(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes | None:
+        if not self.backing.stalled():
+            return None
+        inode = self.table.entries.get((parent.inode, name))
+        node = self.table.nodes.get(inode) if inode is not None else None
+        if node is None or node.kind is not Kind.DIR or node.stat_cache is None:
+            return None
+        node.lookups += 1
+        return self._stat_entry(node, node.stat_cache[1], STALE_TIMEOUT)
 
     def _attrs_entry(self, node: Node, attrs: Attrs) -> pyfuse3.EntryAttributes:
         return self._entry(node, self.timeouts.index, attrs.mode, attrs.nlink, attrs.uid,
@@ -218,6 +237,9 @@ class MailFS:
         return entry
 
     async def _lookup_passthrough(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        stale = self._stalled_dir_entry(parent, name)
+        if stale is not None:
+            return stale
         try:
             st = await self._backing_stat(self.table.child_path(parent, name))
         except FileNotFoundError:
@@ -430,9 +452,9 @@ class MailFS:
                                   ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self.backing.path(self.table.child_path(parent, name))
         open_flags = (flags & ~(os.O_APPEND | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL
-        fd, st, parent_st = await self.backing.run(
-            _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask, caller.uid,
-            caller.gid, self.backing.path(self.table.dirpath(parent)))
+        fd, st, parent_st = await self.backing.run_undoable(
+            _close_opened, _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask,
+            caller.uid, caller.gid, self.backing.path(self.table.dirpath(parent)))
         self._remember_dir_stat(parent, parent_st)
         node = self.table.placed(parent, name, Kind.PASSTHROUGH, backing_identity(st))
         node.lookups += 1
@@ -755,8 +777,9 @@ class MailFS:
         if node.kind is Kind.DIR:
             raise oserror(errno.EISDIR)
         relative = self.table.child_path(self.table.nodes[node.parent], node.name)
-        fd, st = await self.backing.run(_open_stat, self.backing.path(relative),
-                                        flags & ~OPEN_STRIP)
+        fd, st = await self.backing.run_undoable(_close_opened, _open_stat,
+                                                 self.backing.path(relative),
+                                                 flags & ~OPEN_STRIP)
         version = (st.st_mtime_ns, st.st_size)
         keep = version == node.cached_version
         node.cached_version = version
@@ -942,6 +965,11 @@ def _rmdir_with_stale_copies(path: bytes, parent: bytes,
                 os.unlink(path + b"/" + name)
     os.rmdir(path)
     return os.lstat(parent)
+
+
+def _close_opened(result: tuple[Any, ...]) -> None:
+    """Undo an open or create whose caller already got EIO: close the fd it made."""
+    os.close(result[0])
 
 
 def _open_stat(path: bytes, flags: int) -> tuple[int, os.stat_result]:
