@@ -20,6 +20,8 @@ from tests.mount.conftest import Dirs
 from tests.rigs.mount import MailfsMount, run_cli
 
 MakeMount = Callable[..., MailfsMount]
+# No periodic commit during a test: what a test writes stays in the journal until it says.
+NO_AUTO_COMMIT = ("-o", "commit_interval=600")
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -62,7 +64,7 @@ def status(mount: MailfsMount) -> dict[str, int]:
 
 
 def test_kill9_loses_nothing_written(make_mount: MakeMount, dirs: Dirs) -> None:
-    mount = make_mount()
+    mount = make_mount(NO_AUTO_COMMIT)
     dovecot_like_workload(mount.mountpoint, 60)
     expected = tree_digest(mount.mountpoint)
     assert status(mount)["committed_seq"] < status(mount)["journal_seq"], \
@@ -130,7 +132,7 @@ def test_fsynced_data_survives_losing_the_journal(make_mount: MakeMount, dirs: D
 
 
 def test_torn_journal_tail_is_ignored(make_mount: MakeMount, dirs: Dirs) -> None:
-    mount = make_mount()
+    mount = make_mount(NO_AUTO_COMMIT)
     (mount.mountpoint / "dovecot-uidlist").write_bytes(b"first")
     mount.kill()
     journal = max(p for p in dirs.state.iterdir() if p.name.startswith("journal-"))
@@ -252,7 +254,7 @@ def test_full_disk_gives_enospc_and_loses_nothing(dirs: Dirs, small_disk: Path) 
 
 def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs: Dirs) -> None:
     """A zero-filled tail (machine crash) must not stop the replay of every later journal."""
-    mount = make_mount()
+    mount = make_mount(NO_AUTO_COMMIT)
     (mount.mountpoint / "dovecot.index").write_bytes(b"one")
     mount.kill()
     journal = max(p for p in dirs.state.iterdir() if p.name.startswith("journal-"))
@@ -262,5 +264,5 @@ def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs
     assert (mount.mountpoint / "dovecot.index").read_bytes() == b"one"
     (mount.mountpoint / "dovecot-uidlist").write_bytes(b"two")  # only in the journal now
     mount.kill()
-    mount = make_mount()
+    mount = make_mount(NO_AUTO_COMMIT)
     assert (mount.mountpoint / "dovecot-uidlist").read_bytes() == b"two"
