@@ -136,7 +136,11 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             if self.config.metrics_port:
                 from mailfs.metrics import serve_metrics
-                serve_metrics(self.config.metrics_port, self.status)
+
+                token = trio.lowlevel.current_trio_token()
+                # The exporter's thread must not read state the trio thread is changing.
+                serve_metrics(self.config.metrics_port,
+                              lambda: trio.from_thread.run_sync(self.status, trio_token=token))
             report_ready(ready_fd, "ok")
             log.info("mailfs %s mounted %s over %s", __version__, self.config.mountpoint,
                      self.config.backing)

@@ -14,6 +14,10 @@ class StatusCollector(Collector):
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
         self.status = status
 
+    def describe(self) -> list[GaugeMetricFamily]:
+        # Without this the registry collects once at registration, on the trio thread.
+        return []
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for key, value in self.status().items():
             if isinstance(value, bool):

@@ -216,3 +216,25 @@ def test_sigterm_commits_and_unmounts(make_mount: MakeMount, dirs: Dirs) -> None
     mount.process = None
     mount = make_mount()
     assert (mount.mountpoint / "dovecot-uidlist").read_bytes() == b"3 V1 N2\n"
+
+
+def test_prometheus_metrics(make_mount: MakeMount) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mount = make_mount(("-o", f"metrics_port={port}"))
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "metrics endpoint never answered"
+            time.sleep(0.1)
+    assert "mailfs_requests_total" in text
+    assert "mailfs_ram_budget_bytes 2.68435456e+08" in text
