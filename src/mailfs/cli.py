@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mailfs import __version__, control
+from mailfs import __version__, control, mounts
 from mailfs.config import Config, apply_overrides, build, control_socket_for
 from mailfs.errors import UserError
 
@@ -78,6 +78,12 @@ def parse_options(options: Sequence[str]) -> dict[str, str]:
 
 def mount_config(args: argparse.Namespace) -> Config:
     options = parse_options(args.option)
+    for name in ("config", "state_dir", "run_dir", "log_file"):
+        value = getattr(args, name, None)
+        if value is not None and not str(value).strip(". "):
+            raise UserError(f"--{name.replace('_', '-')} must not be empty")
+    if "config" in options and not options["config"]:
+        raise UserError("option config= must name a file")
     config_file = args.config or (Path(options.pop("config")) if "config" in options else None)
     if config_file is None and DEFAULT_CONFIG.exists():
         config_file = DEFAULT_CONFIG
@@ -126,19 +132,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def spawn_background(args: argparse.Namespace, config: Config) -> int:
     """Start the daemon detached and return once it is mounted (or report why not)."""
-    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_directory(config.state_dir, "state dir")
     log_file = args.log_file or config.state_dir / "mailfs.log"
+    try:
+        log = open(log_file, "ab")  # noqa: SIM115 - handed to the child below
+    except OSError as exc:
+        raise UserError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
     argv = [
         sys.executable, "-m", "mailfs", "mount", str(config.backing), str(config.mountpoint),
         "--state-dir", str(config.state_dir), "--run-dir", str(config.run_dir),
         "--foreground", "--ready-fd", str(write_end),
         *(["--config", str(args.config)] if args.config else []),
-        *[f"-o{o}" for o in args.option],
+        *[arg for option in args.option if option for arg in ("-o", option)],
         *(["--ram-budget", args.ram_budget] if args.ram_budget else []),
         *(["--debug"] if args.debug else []),
     ]
-    with open(log_file, "ab") as log:
+    with log:
         child = subprocess.Popen(argv, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
                                  stdout=log, stderr=log, start_new_session=True)
     os.close(write_end)
@@ -151,6 +161,15 @@ def spawn_background(args: argparse.Namespace, config: Config) -> int:
     child.wait(timeout=30)
     raise UserError(f"mailfs daemon exited with {child.returncode} before mounting; "
                     f"see {log_file}")
+
+
+def ensure_directory(path: Path, what: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {path}: {exc.strerror}") from None
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -211,7 +230,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     path = socket_path(args)
-    pid = int(control.call(path, "status")["pid"])
+    try:
+        pid = int(control.call(path, "status")["pid"])
+    except UserError:
+        if not mounts.is_dead_mailfs_mount(args.mountpoint, path):
+            raise
+        mounts.clear_dead_mount(args.mountpoint)
+        print(f"cleared the mount of a mailfs daemon that had died; its changes are replayed "
+              f"from the journal at the next mount of {args.mountpoint}")
+        return 0
     control.call(path, "flush")
     result = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], capture_output=True,
                             text=True)
@@ -257,9 +284,12 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     generic ones are mount(8)'s business, so drop them.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    generic = {"rw", "ro", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
-               "defaults", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime",
-               "noatime", "relatime"}
+    generic = {"rw", "ro", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+               "_netdev", "nofail", "defaults", "exec", "noexec", "suid", "nosuid", "dev",
+               "nodev", "atime", "noatime", "relatime", "norelatime", "strictatime",
+               "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime", "async",
+               "sync", "dirsync", "mand", "nomand", "iversion", "noiversion", "silent",
+               "loud", "remount", "bind", "rbind", "comment"}
     positional: list[str] = []
     options: list[str] = []
     index = 0
@@ -270,8 +300,11 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
                            if o and o not in generic and not o.startswith("x-"))
             index += 2
             continue
-        if arg in ("-n", "-s", "-v", "-f"):  # mount(8) flags that carry no meaning here
+        if arg in ("-n", "-s", "-v", "-f", "-r", "-w"):  # mount(8) flags, no meaning here
             index += 1
+            continue
+        if arg in ("-t", "-N") and index + 1 < len(args):  # fs type, namespace: mount's
+            index += 2
             continue
         positional.append(arg)
         index += 1
@@ -282,6 +315,9 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     for option in options:
         key, _, value = option.partition("=")
         if key in ("state_dir", "config", "run_dir"):
+            if not value:
+                print(f"mailfs: option {key}= must name a path", file=sys.stderr)
+                return EXIT_USER_ERROR
             forwarded += [f"--{key.replace('_', '-')}", value]
         else:
             forwarded += ["-o", option]

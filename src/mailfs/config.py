@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
 import tomllib
@@ -60,9 +62,11 @@ class Config:
 
 
 def control_socket_for(run_dir: Path, mountpoint: Path) -> Path:
+    """One socket per mountpoint: a readable name plus a hash, so that no two collide."""
     real = os.path.realpath(mountpoint)
-    safe = real.strip("/").replace("/", "-") or "root"
-    return run_dir / f"{safe}.sock"
+    tag = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
+    name = os.path.basename(real)[:40] or "root"
+    return run_dir / f"{name}-{tag}.sock"
 
 
 # TOML layout: [mount] [cache] [commit] [backing] [classify] [log]
@@ -74,7 +78,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "commit": {"interval": "seconds", "max_pending": "size"},
     "backing": {"threads": "count", "timeout": "seconds"},
     "classify": {"replicated": "patterns", "volatile": "patterns"},
-    "log": {"level": "level", "metrics_port": "count"},
+    "log": {"level": "level", "metrics_port": "port"},
 }
 
 RENAMES = {
@@ -102,14 +106,18 @@ def convert(kind: str, key: str, value: object) -> object:
         return value
     if kind == "size":
         return parse_size(value, key)
-    if kind in ("seconds", "count"):
+    if kind in ("seconds", "count", "port"):
+        what = "a number of seconds" if kind == "seconds" else "a whole number"
+        if isinstance(value, bool) or (kind != "seconds" and isinstance(value, float)):
+            raise UserError(f"config: {key} must be {what}, not {value!r}")
         try:
             number = float(value) if kind == "seconds" else int(value)  # type: ignore[arg-type,call-overload]
         except (TypeError, ValueError):
-            raise UserError(f"config: {key} must be a number, not {value!r}") from None
-        if number < 0 or (kind == "count" and isinstance(value, float)):
-            raise UserError(f"config: {key} must be a non-negative "
-                            f"{'number' if kind == 'seconds' else 'integer'}")
+            raise UserError(f"config: {key} must be {what}, not {value!r}") from None
+        if not math.isfinite(number) or number < 0:
+            raise UserError(f"config: {key} must be a finite, non-negative number")
+        if kind == "port" and number > 65535:
+            raise UserError(f"config: {key} must be a TCP port (0 to 65535), not {value!r}")
         return number
     if kind == "patterns":
         if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
@@ -130,6 +138,8 @@ def field_name(section: str, key: str) -> str:
 
 
 def load_file(path: Path) -> dict[str, object]:
+    if not str(path):
+        raise UserError("config file path is empty")
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
@@ -137,6 +147,12 @@ def load_file(path: Path) -> dict[str, object]:
         raise UserError(f"config file {path} does not exist") from None
     except PermissionError:
         raise UserError(f"config file {path} is not readable") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory") from None
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
     values: dict[str, object] = {}
@@ -207,3 +223,10 @@ def validate(config: Config) -> None:
         raise UserError("config: cache.ram_budget must be at least 1M")
     if config.lmdb_map_size < 16 << 20:
         raise UserError("config: cache.lmdb_map_size must be at least 16M")
+    if config.commit_bytes < 64 << 10:
+        raise UserError("config: commit.max_pending must be at least 64K")
+    if config.backing_threads > 1024:
+        raise UserError("config: backing.threads must be at most 1024")
+    for name in ("state_dir", "run_dir"):
+        if not str(getattr(config, name)) or str(getattr(config, name)) == ".":
+            raise UserError(f"config: {name} must not be empty")

@@ -21,7 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from mailfs import __version__
+from mailfs import __version__, mounts
 from mailfs.cachemgr.backing import Backing
 from mailfs.cachemgr.metastore import MetaStore
 from mailfs.config import Config
@@ -55,7 +55,23 @@ def check_paths(config: Config) -> None:
         raise UserError("mailfs must run as root (it mounts with allow_other and sets owners)")
     if not config.backing.is_dir():
         raise UserError(f"backing path {config.backing} does not exist or is not a directory")
-    if not config.mountpoint.is_dir():
+    if mounts.is_dead_mailfs_mount(config.mountpoint, config.control_socket()):
+        # A daemon that died (kill -9, OOM) leaves its mount behind; its journal has the
+        # changes, so clearing the dead mount and mounting again loses nothing.
+        log.warning("clearing the mount of a mailfs daemon that died at %s", config.mountpoint)
+        mounts.clear_dead_mount(config.mountpoint)
+    for path, what in ((config.state_dir, "state dir"), (config.run_dir, "run dir")):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{what} {path} exists and is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise UserError(f"cannot create {what} {path}: {exc.strerror}") from None
+    try:
+        usable = config.mountpoint.is_dir()
+    except OSError as exc:
+        raise UserError(f"mountpoint {config.mountpoint} is unusable: {exc.strerror}") from None
+    if not usable:
         raise UserError(f"mountpoint {config.mountpoint} does not exist or is not a directory")
     if os.path.ismount(config.mountpoint):
         raise UserError(f"mountpoint {config.mountpoint} is already in use by another mount")
@@ -67,6 +83,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = time.time()
+        self._token: trio.lowlevel.TrioToken | None = None
         self.store = MetaStore(
             config.state_dir, config.ram_budget, config.lmdb_map_size,
             config.commit_interval, config.commit_bytes,
@@ -77,6 +94,27 @@ class Daemon:
             Timeouts(config.index_timeout, config.passthrough_timeout),
             import_on_access=config.import_on_access,
         )
+
+    def start_metrics(self) -> None:
+        """Bind the metrics port before mounting, so that a busy port is a clear error."""
+        if not self.config.metrics_port:
+            return
+        from mailfs.metrics import serve_metrics
+
+        def status_from_trio() -> dict[str, Any]:
+            # The exporter's thread must not read state the trio thread is changing.
+            if self._token is None:
+                return {}
+            try:
+                return trio.from_thread.run_sync(self.status, trio_token=self._token)
+            except trio.RunFinishedError:
+                return {}
+
+        try:
+            serve_metrics(self.config.metrics_port, status_from_trio)
+        except OSError as exc:
+            raise UserError(f"cannot serve metrics on 127.0.0.1:{self.config.metrics_port}: "
+                            f"{exc.strerror}") from None
 
     def status(self) -> dict[str, Any]:
         backing = self.backing.stats
@@ -134,13 +172,7 @@ class Daemon:
             await nursery.start(self.store.run_committer)
             await nursery.start(control.serve)
             nursery.start_soon(self._watch_signals)
-            if self.config.metrics_port:
-                from mailfs.metrics import serve_metrics
-
-                token = trio.lowlevel.current_trio_token()
-                # The exporter's thread must not read state the trio thread is changing.
-                serve_metrics(self.config.metrics_port,
-                              lambda: trio.from_thread.run_sync(self.status, trio_token=token))
+            self._token = trio.lowlevel.current_trio_token()
             report_ready(ready_fd, "ok")
             log.info("mailfs %s mounted %s over %s", __version__, self.config.mountpoint,
                      self.config.backing)
@@ -189,6 +221,11 @@ def run(config: Config, ready_fd: int | None = None) -> int:
         except OSError as exc:
             daemon.store.close()
             raise UserError(f"cannot recover the state in {config.state_dir}: {exc}") from None
+        try:
+            daemon.start_metrics()
+        except UserError:
+            daemon.store.close()
+            raise
         try:
             pyfuse3.init(Operations(daemon.fs), str(config.mountpoint), mount_options(config))
         except RuntimeError as exc:

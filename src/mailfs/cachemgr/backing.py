@@ -92,6 +92,14 @@ class Backing:
         self._recent_seconds = 0.0
         self._probe_job: _Job | None = None
         self.root_ok = True
+        # The backing root as mounted: an NFS mount that went away leaves an empty
+        # directory with another identity, and serving indexes without mail is wrong.
+        try:
+            root_stat = os.stat(self.root)
+            self.root_identity: tuple[int, int] | None = (root_stat.st_dev, root_stat.st_ino)
+        except OSError:
+            self.root_identity = None
+        self._root_swap_logged = False
 
     def path(self, relative: bytes) -> bytes:
         return self.root + b"/" + relative if relative else self.root
@@ -256,6 +264,15 @@ class Backing:
             result = self._probe_job.result
             self.root_ok = isinstance(result, outcome.Value) and stat.S_ISDIR(
                 result.value.st_mode)
+            if self.root_ok and isinstance(result, outcome.Value):
+                identity = (result.value.st_dev, result.value.st_ino)
+                if self.root_identity is not None and identity != self.root_identity:
+                    self.root_ok = False
+                    if not self._root_swap_logged:
+                        self._root_swap_logged = True
+                        log.error("the backing path %s is no longer the directory mailfs "
+                                  "mounted over (was its filesystem unmounted?)",
+                                  os.fsdecode(self.root))
         self._probe_job = _Job(os.stat, (self.root,), None)
         self._probe_job.waiting = True  # the worker stores the result; nobody is woken
         self._probe_job.done = threading.Lock()

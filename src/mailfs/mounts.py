@@ -1,0 +1,50 @@
+"""What the kernel's mount table says about a mountpoint, for admin commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def mount_type(mountpoint: Path) -> str | None:
+    """The filesystem type mounted exactly at mountpoint ("fuse.mailfs", ...), or None."""
+    target = os.path.abspath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as table:
+            for line in table:
+                fields = line.split()
+                if fields[4] == target:
+                    return fields[fields.index("-") + 1]
+    except OSError:
+        return None
+    return None
+
+
+def is_dead_mailfs_mount(mountpoint: Path, control_socket: Path) -> bool:
+    """A mailfs mount whose daemon is gone.
+
+    Asking the mount itself can be answered from the kernel's attribute cache, and a live
+    daemon on a stalled backing store could make us wait; a live daemon always accepts on
+    its control socket, a dead one cannot.
+    """
+    if mount_type(mountpoint) != "fuse.mailfs":
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(str(control_socket))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def clear_dead_mount(mountpoint: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", os.path.abspath(mountpoint)],
+                   capture_output=True, check=False)
