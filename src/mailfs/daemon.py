@@ -132,6 +132,7 @@ class Daemon:
             "ram_misses": store.ram_misses,
             "evictions": store.evictions,
             "commits": store.commits,
+            "commit_seconds": round(store.commit_seconds, 3),
             "commit_errors": store.commit_errors,
             "journal_errors": store.journal_errors,
             "last_commit_error": store.last_commit_error,

@@ -494,9 +494,6 @@ class MetaStore:
 
     # ---------------------------------------------------------------- commit
 
-    def wake_committer(self) -> None:
-        self._wake.set()
-
     async def run_committer(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                             ) -> None:
         task_status.started()

@@ -106,9 +106,6 @@ class InodeTable:
             self.numbers.popitem(last=False)
         return number
 
-    def get(self, inode: int) -> Node:
-        return self.nodes[inode]
-
     def dirpath(self, node: Node) -> bytes:
         """Path of a directory relative to the mount root; b'' for the root."""
         parts = []
