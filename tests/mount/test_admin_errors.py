@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,7 +93,8 @@ def test_empty_o_option_works_in_background(dirs: Dirs, cleanup: list[Path]) -> 
 
 
 def test_mount_helper_empty_state_dir_is_refused(dirs: Dirs, cleanup: list[Path]) -> None:
-    cwd = Path(tempfile.mkdtemp(prefix="mailfs-cwd-"))
+    cwd = dirs.state.parent / "cwd"
+    cwd.mkdir()
     helper = subprocess.run(
         [sys.executable, "-c", "from mailfs.cli import mount_helper_main as m; "
                                "raise SystemExit(m())",
