@@ -18,7 +18,7 @@ from typing import Any
 
 from mailfs import __version__, control, mounts
 from mailfs.config import Config, apply_overrides, build, control_socket_for
-from mailfs.errors import UserError
+from mailfs.errors import UserError, ensure_directory
 
 EXIT_USER_ERROR = 1
 DEFAULT_CONFIG = Path("/etc/mailfs/mailfs.toml")
@@ -161,15 +161,6 @@ def spawn_background(args: argparse.Namespace, config: Config) -> int:
     child.wait(timeout=30)
     raise UserError(f"mailfs daemon exited with {child.returncode} before mounting; "
                     f"see {log_file}")
-
-
-def ensure_directory(path: Path, what: str) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise UserError(f"cannot create {what} {path}: {exc.strerror}") from None
 
 
 def socket_path(args: argparse.Namespace) -> Path:

@@ -26,7 +26,7 @@ from mailfs.cachemgr.backing import Backing
 from mailfs.cachemgr.metastore import MetaStore
 from mailfs.config import Config
 from mailfs.control import ControlServer
-from mailfs.errors import UserError
+from mailfs.errors import UserError, ensure_directory
 from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
 from mailfs.fs.operations import REQUESTS, Operations
@@ -60,13 +60,8 @@ def check_paths(config: Config) -> None:
         # changes, so clearing the dead mount and mounting again loses nothing.
         log.warning("clearing the mount of a mailfs daemon that died at %s", config.mountpoint)
         mounts.clear_dead_mount(config.mountpoint)
-    for path, what in ((config.state_dir, "state dir"), (config.run_dir, "run dir")):
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{what} {path} exists and is not a directory")
-        try:
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise UserError(f"cannot create {what} {path}: {exc.strerror}") from None
+    ensure_directory(config.state_dir, "state dir")
+    ensure_directory(config.run_dir, "run dir")
     try:
         usable = config.mountpoint.is_dir()
     except OSError as exc:

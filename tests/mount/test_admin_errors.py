@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.mount.conftest import Dirs
-from tests.mount.test_cli import assert_one_line_error
+from tests.mount.test_cli import assert_one_line_error, run_mount_helper
 from tests.rigs.mount import force_unmount, is_mounted, run_cli
 
 
@@ -95,11 +94,7 @@ def test_empty_o_option_works_in_background(dirs: Dirs, cleanup: list[Path]) -> 
 def test_mount_helper_empty_state_dir_is_refused(dirs: Dirs, cleanup: list[Path]) -> None:
     cwd = dirs.state.parent / "cwd"
     cwd.mkdir()
-    helper = subprocess.run(
-        [sys.executable, "-c", "from mailfs.cli import mount_helper_main as m; "
-                               "raise SystemExit(m())",
-         str(dirs.backing), str(dirs.mnt), "-o", "rw,state_dir="],
-        capture_output=True, text=True, timeout=60, cwd=cwd)
+    helper = run_mount_helper(str(dirs.backing), str(dirs.mnt), "-o", "rw,state_dir=", cwd=cwd)
     used_cwd = (cwd / "lock").exists()
     if is_mounted(dirs.mnt):
         run_cli("umount", str(dirs.mnt), timeout=30)
@@ -108,12 +103,8 @@ def test_mount_helper_empty_state_dir_is_refused(dirs: Dirs, cleanup: list[Path]
 
 
 def test_mount_helper_ignores_generic_options(dirs: Dirs, cleanup: list[Path]) -> None:
-    helper = subprocess.run(
-        [sys.executable, "-c", "from mailfs.cli import mount_helper_main as m; "
-                               "raise SystemExit(m())",
-         str(dirs.backing), str(dirs.mnt), "-o",
-         f"rw,nodiratime,async,state_dir={dirs.state}"],
-        capture_output=True, text=True, timeout=60)
+    helper = run_mount_helper(str(dirs.backing), str(dirs.mnt), "-o",
+                              f"rw,nodiratime,async,state_dir={dirs.state}")
     assert helper.returncode == 0, helper.stderr
 
 

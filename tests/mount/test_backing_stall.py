@@ -367,17 +367,24 @@ def test_stalled_backing_never_freezes_index_files(rig: Rig) -> None:
 # Each of these reproduced a freeze or leak found with this rig.
 
 
-def test_status_during_stall_before_any_timeout(rig: Rig) -> None:
-    """`mailfs status` must not touch the backing store: it would freeze with it."""
-    # A long timeout: no call times out during the test, so healthy() reaches its isdir().
-    rig.mount(["-o", "backing_timeout=60"])
+def make_mailbox(rig: Rig) -> Path:
+    """INBOX with the index files INDEX_OPS expects, its attributes cached by the kernel."""
     box = rig.mnt / "INBOX"
     box.mkdir()
     (box / "dovecot.index").write_bytes(INDEX_V1)
     (box / "dovecot.index.log").write_bytes(LOG_V1)
     (box / "dovecot-uidlist").write_bytes(UIDLIST_V1)
     os.stat(box)
-    time.sleep(1.5)  # sshfs's own kernel attribute cache (1 s) must not answer the isdir()
+    return box
+
+
+def test_status_during_stall_before_any_timeout(rig: Rig) -> None:
+    """`mailfs status` must not touch the backing store: it would freeze with it."""
+    # A long timeout: no call times out during the test, so health must come from elsewhere
+    # than a timed-out call (it once came from an isdir() of the backing root, which hung).
+    rig.mount(["-o", "backing_timeout=60"])
+    box = make_mailbox(rig)
+    time.sleep(1.5)  # sshfs's own kernel attribute cache (1 s) must not answer for it
     rig.sshfs.stall()
     result = run_bounded(mailfs_cmd("status", str(rig.mnt), "--json"), timeout=5.0, rig=rig)
     assert result.returncode == 0, result.stderr
@@ -427,12 +434,7 @@ def test_index_files_stay_reachable_after_directory_caches_expire(rig: Rig) -> N
     """Past passthrough_timeout the kernel revalidates directories on every path walk; during
     a stall the daemon answers for directories it knows from their last attributes."""
     rig.mount(["-o", "backing_timeout=30", "-o", "passthrough_timeout=1"])
-    box = rig.mnt / "INBOX"
-    box.mkdir()
-    (box / "dovecot.index").write_bytes(INDEX_V1)
-    (box / "dovecot.index.log").write_bytes(LOG_V1)
-    (box / "dovecot-uidlist").write_bytes(UIDLIST_V1)
-    os.stat(box)
+    box = make_mailbox(rig)
     rig.sshfs.stall()
     time.sleep(3.5)  # the kernel's directory caches expire; the daemon sees the stall
     times = run_json(python(INDEX_OPS, str(box)), timeout=10.0, rig=rig)

@@ -78,13 +78,17 @@ def test_umount_refuses_busy_mount(dirs: Dirs, background: Path) -> None:
         holder.wait()
 
 
-def test_mount_helper_for_fstab(dirs: Dirs, background: Path) -> None:
-    helper = subprocess.run(
+def run_mount_helper(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """mount.mailfs as mount(8) runs it for an fstab line."""
+    return subprocess.run(
         [sys.executable, "-c", "from mailfs.cli import mount_helper_main as m; "
-                               "raise SystemExit(m())",
-         str(dirs.backing), str(dirs.mnt), "-o",
-         f"rw,noauto,_netdev,state_dir={dirs.state},index_timeout=30"],
-        capture_output=True, text=True, timeout=60)
+                               "raise SystemExit(m())", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_mount_helper_for_fstab(dirs: Dirs, background: Path) -> None:
+    helper = run_mount_helper(str(dirs.backing), str(dirs.mnt), "-o",
+                              f"rw,noauto,_netdev,state_dir={dirs.state},index_timeout=30")
     assert helper.returncode == 0, helper.stderr
     assert is_mounted(dirs.mnt)
     assert "mailfs:" in Path("/proc/self/mountinfo").read_text()

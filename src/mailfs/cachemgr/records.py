@@ -149,10 +149,9 @@ def decode_body(body: bytes | memoryview) -> Record:
 def decode_stream(data: bytes) -> Iterator[Record]:
     """Decode records until the data ends or a record is torn or corrupt.
 
-    A torn tail is normal after a machine crash (the journal is not fsync'd), so the
-    caller learns where decoding stopped from `DecodeResult`-style iteration: records
-    are yielded in order and iteration simply ends at the first bad one; a
-    CorruptRecord is raised only for a checksum mismatch in a complete record.
+    A torn tail is normal after a machine crash (the journal is not fsync'd): records are
+    yielded in order and iteration ends quietly at an incomplete last record. A complete
+    record whose checksum or structure is wrong raises CorruptRecord.
     """
     view = memoryview(data)
     pos = 0
