@@ -60,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
         if name == "umount":
             cmd.add_argument("--timeout", type=float, default=300.0,
                              help="seconds to wait for the daemon to finish")
+            cmd.add_argument("--force", action="store_true",
+                             help="unmount even while a sync replication peer is behind")
+        if name == "flush":
+            cmd.add_argument("--timeout", type=float, default=60.0,
+                             help="seconds to wait for connected peers to acknowledge")
     return top
 
 
@@ -182,14 +187,41 @@ def print_status(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"mailfs {status['mountpoint']}", show_header=False)
+    console = Console()
+    replication = status.get("replication")
+    console.print(key_value_table(f"mailfs {status['mountpoint']}",
+                                  {k: v for k, v in status.items() if k != "replication"}))
+    if not isinstance(replication, dict):
+        return
+    peers = replication.get("peers", {})
+    console.print(key_value_table(f"replication: node {replication['node_id']}",
+                                  {k: v for k, v in replication.items() if k != "peers"}))
+    columns = ["connected", "acked_seq", "lag_changes", "lag_seconds", "unacked_log_bytes",
+               "snapshot", "incoming_connected", "last_error"]
+    table = Table(title="peers")
+    table.add_column("peer", style="bold")
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    for node_id, peer in peers.items():
+        table.add_row(node_id, *(shown_value(column, peer.get(column)) for column in columns))
+    console.print(table)
+
+
+def key_value_table(title: str, values: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
-    sizes = {k for k in status if k.endswith("_bytes")}
-    for key, value in status.items():
-        shown = human_size(value) if key in sizes and isinstance(value, int) else str(value)
-        table.add_row(key.replace("_", " "), shown)
-    Console().print(table)
+    for key, value in values.items():
+        table.add_row(key.replace("_", " "), shown_value(key, value))
+    return table
+
+
+def shown_value(key: str, value: Any) -> str:
+    if key.endswith("_bytes") and isinstance(value, int):
+        return human_size(value)
+    return "-" if value is None or value == "" else str(value)
 
 
 def human_size(value: int) -> str:
@@ -202,8 +234,15 @@ def human_size(value: int) -> str:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    result = control.call(socket_path(args), "flush")
+    result = control.call(socket_path(args), "flush", timeout=args.timeout + 60,
+                          peer_timeout=args.timeout)
     print(f"flushed: committed through change {result['committed_seq']}")
+    behind = result.get("peers_behind")
+    if behind:
+        print(f"peers still behind (unreachable, or slower than {args.timeout:.0f}s): "
+              f"{', '.join(behind)}")
+    elif behind is not None:
+        print("every peer has acknowledged every change")
     return 0
 
 
@@ -231,6 +270,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
               f"from the journal at the next mount of {args.mountpoint}")
         return 0
     control.call(path, "flush")
+    blockers = control.call(path, "unmount_check", force=args.force)["blockers"]
+    if blockers:
+        raise UserError(f"not unmounting {args.mountpoint}: sync replication peer "
+                        f"{'; '.join(blockers)}; wait for it, or use --force")
     result = subprocess.run(["fusermount3", "-u", str(args.mountpoint)], capture_output=True,
                             text=True)
     if result.returncode != 0:

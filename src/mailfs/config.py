@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import os
 import re
+import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 from mailfs.errors import UserError
 from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE, validate_patterns
+from mailfs.replication.identity import node_namespace
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -30,6 +34,52 @@ def parse_size(value: object, key: str) -> int:
         if match:
             return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
     raise UserError(f"config: {key} must be a size like 256M, not {value!r}")
+
+
+# Node ids and cluster names: also a DNS name in the node's TLS certificate.
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+HOST_RE = re.compile(r"[A-Za-z0-9._-]+")
+NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-'"
+
+
+def is_name(value: object) -> bool:
+    return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
+
+
+def parse_address(value: str, key: str) -> tuple[str, int]:
+    """Split "host:port" or "[v6 address]:port" into (host without brackets, port)."""
+    host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            host = ""
+    elif not HOST_RE.fullmatch(host):
+        host = ""
+    valid_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    if not host or not valid_port:
+        raise UserError(f"config: {key} must look like host:port or [v6 address]:port "
+                        f"with a port from 1 to 65535, not {value!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Peer:
+    node_id: str
+    host: str
+    port: int
+
+
+def parse_peer(value: object, key: str) -> Peer:
+    """Parse one "id@host:port" entry of replication.peers."""
+    if not isinstance(value, str) or "@" not in value:
+        raise UserError(f"config: {key} entries must look like id@host:port, not {value!r}")
+    node_id, _, address = value.partition("@")
+    if not is_name(node_id):
+        raise UserError(f"config: {key} has an invalid node id {node_id!r} ({NAME_RULE})")
+    host, port = parse_address(address, f"{key} entry {node_id!r}")
+    return Peer(node_id, host, port)
 
 
 @dataclass(frozen=True)
@@ -55,10 +105,27 @@ class Config:
     metrics_port: int = 0
     replicated: tuple[str, ...] = DEFAULT_REPLICATED
     volatile: tuple[str, ...] = DEFAULT_VOLATILE
+    # Replication: off unless peers or listen is set. Empty node_id: the host name.
+    node_id: str = ""
+    cluster: str = "mailfs"
+    listen: str = ""
+    peers: tuple[Peer, ...] = ()
+    tls_cert: Path = Path()
+    tls_key: Path = Path()
+    tls_ca: Path = Path()
+    durability: str = "async"
+    quorum: int = 0  # peers that must have a change before it counts as durable; 0: all
+    sync_timeout: float = 5.0
+    log_limit: int = 256 << 20
+    reconnect_interval: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def control_socket(self) -> Path:
         return control_socket_for(self.run_dir, self.mountpoint)
+
+    @property
+    def replication_enabled(self) -> bool:
+        return bool(self.peers) or bool(self.listen)
 
 
 def control_socket_for(run_dir: Path, mountpoint: Path) -> Path:
@@ -69,7 +136,7 @@ def control_socket_for(run_dir: Path, mountpoint: Path) -> Path:
     return run_dir / f"{name}-{tag}.sock"
 
 
-# TOML layout: [mount] [cache] [commit] [backing] [classify] [log]
+# TOML layout: [mount] [cache] [commit] [backing] [classify] [log] [replication]
 SECTIONS: dict[str, dict[str, str]] = {
     "mount": {"backing": "path", "mountpoint": "path", "state_dir": "path", "run_dir": "path",
               "allow_other": "bool", "import_on_access": "bool"},
@@ -79,6 +146,10 @@ SECTIONS: dict[str, dict[str, str]] = {
     "backing": {"threads": "count", "timeout": "seconds"},
     "classify": {"replicated": "patterns", "volatile": "patterns"},
     "log": {"level": "level", "metrics_port": "port"},
+    "replication": {"node_id": "name", "cluster": "name", "listen": "address",
+                    "peers": "peers", "tls_cert": "path", "tls_key": "path", "tls_ca": "path",
+                    "durability": "choice", "quorum": "count", "sync_timeout": "seconds",
+                    "log_limit": "size", "reconnect_interval": "seconds"},
 }
 
 RENAMES = {
@@ -90,9 +161,12 @@ RENAMES = {
 }
 
 LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+# Allowed values of "choice" keys, by field name.
+CHOICES = {"durability": ("async", "sync")}
 
 
-def convert(kind: str, key: str, value: object) -> object:
+def convert(kind: str, key: str, value: object, name: str = "") -> object:
+    """`key` is the name shown in errors, `name` the field (needed for kind "choice")."""
     if kind == "path":
         if not isinstance(value, str) or not value:
             raise UserError(f"config: {key} must be a path string")
@@ -130,6 +204,25 @@ def convert(kind: str, key: str, value: object) -> object:
         if not isinstance(value, str) or value.upper() not in LEVELS:
             raise UserError(f"config: {key} must be one of {', '.join(sorted(LEVELS))}")
         return value.upper()
+    if kind == "name":
+        if not is_name(value):
+            raise UserError(f"config: {key} must be {NAME_RULE}, not {value!r}")
+        return value
+    if kind == "address":
+        if not isinstance(value, str):
+            raise UserError(f"config: {key} must be a host:port string")
+        if value:
+            parse_address(value, key)
+        return value
+    if kind == "peers":
+        if not isinstance(value, list):
+            raise UserError(f"config: {key} must be a list of \"id@host:port\" strings")
+        return tuple(parse_peer(peer, key) for peer in value)
+    if kind == "choice":
+        choices = CHOICES[name]
+        if value not in choices:
+            raise UserError(f"config: {key} must be one of {', '.join(choices)}, not {value!r}")
+        return value
     raise AssertionError(kind)
 
 
@@ -166,7 +259,8 @@ def load_file(path: Path) -> dict[str, object]:
             kind = SECTIONS[section].get(key)
             if kind is None:
                 raise UserError(f"config file {path}: unknown key {key!r} in [{section}]")
-            values[field_name(section, key)] = convert(kind, f"{section}.{key}", value)
+            name = field_name(section, key)
+            values[name] = convert(kind, f"{section}.{key}", value, name)
     return values
 
 
@@ -198,8 +292,10 @@ def apply_overrides(values: dict[str, object], overrides: dict[str, str]) -> Non
             raise UserError(f"unknown option {key!r}")
         if kind == "patterns":
             values[name] = convert(kind, key, split_patterns(raw))
+        elif kind == "peers":  # commas separate -o options, so peers are ';'-separated
+            values[name] = convert(kind, key, [p.strip() for p in raw.split(";") if p.strip()])
         else:
-            values[name] = convert(kind, key, raw)
+            values[name] = convert(kind, key, raw, name)
 
 
 def build(config_file: Path | None, overrides: dict[str, object]) -> Config:
@@ -210,6 +306,12 @@ def build(config_file: Path | None, overrides: dict[str, object]) -> Config:
     known = {f.name for f in fields(Config)}
     chosen: dict[str, Any] = {k: v for k, v in values.items() if k in known}
     config = replace(Config(), **chosen)
+    if config.replication_enabled and not config.node_id:
+        host = socket.gethostname()
+        if not is_name(host):
+            raise UserError(f"config: replication.node_id is not set and the host name "
+                            f"{host!r} is not a valid node id ({NAME_RULE}); set node_id")
+        config = replace(config, node_id=host)
     validate(config)
     return config
 
@@ -230,3 +332,53 @@ def validate(config: Config) -> None:
     for name in ("state_dir", "run_dir"):
         if not str(getattr(config, name)) or str(getattr(config, name)) == ".":
             raise UserError(f"config: {name} must not be empty")
+    if config.sync_timeout <= 0:
+        raise UserError("config: replication.sync_timeout must be above 0")
+    if config.reconnect_interval <= 0:
+        raise UserError("config: replication.reconnect_interval must be above 0")
+    if config.log_limit < 1 << 20:
+        raise UserError("config: replication.log_limit must be at least 1M")
+    if config.replication_enabled:
+        validate_replication(config)
+
+
+def validate_replication(config: Config) -> None:
+    if not is_name(config.node_id):
+        raise UserError(f"config: replication.node_id must be {NAME_RULE}, "
+                        f"not {config.node_id!r}")
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        check_readable_file(f"replication.{name}", getattr(config, name))
+    seen: set[str] = set()
+    for peer in config.peers:
+        if peer.node_id == config.node_id:
+            raise UserError(f"config: replication.peers includes this node's own node_id "
+                            f"{peer.node_id!r}")
+        if peer.node_id in seen:
+            raise UserError(f"config: replication.peers lists node id {peer.node_id!r} twice")
+        seen.add(peer.node_id)
+    if config.quorum > len(config.peers):
+        raise UserError(f"config: replication.quorum ({config.quorum}) is more than the "
+                        f"number of peers ({len(config.peers)})")
+    owners: dict[int, str] = {}
+    for node_id in (config.node_id, *(peer.node_id for peer in config.peers)):
+        other = owners.setdefault(node_namespace(node_id), node_id)
+        if other != node_id:
+            raise UserError(f"config: replication: node ids {other!r} and {node_id!r} map to "
+                            f"the same file-id namespace; rename one")
+
+
+def check_readable_file(key: str, path: Path) -> None:
+    if not str(path) or str(path) == ".":
+        raise UserError(f"config: {key} must be set when replication is on "
+                        f"(peers or listen given)")
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open below
+            raise UserError(f"config: {key} {path} is not a regular file")
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise UserError(f"config: {key} {path} does not exist") from None
+    except PermissionError:
+        raise UserError(f"config: {key} {path} is not readable") from None
+    except OSError as exc:
+        raise UserError(f"config: {key} {path} cannot be read: {exc.strerror}") from None

@@ -30,8 +30,12 @@ from mailfs.errors import UserError, ensure_directory
 from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
 from mailfs.fs.operations import REQUESTS, Operations
+from mailfs.replication.identity import node_namespace
+from mailfs.replication.service import Replication
 
 log = logging.getLogger(__name__)
+
+FLUSH_PEER_TIMEOUT = 60.0
 
 
 @contextlib.contextmanager
@@ -82,6 +86,9 @@ class Daemon:
         self.store = MetaStore(
             config.state_dir, config.ram_budget, config.lmdb_map_size,
             config.commit_interval, config.commit_bytes,
+            node_id=config.node_id,
+            namespace=node_namespace(config.node_id) if config.replication_enabled else 0,
+            replicating=config.replication_enabled, log_limit=config.log_limit,
         )
         self.backing = Backing(config.backing, config.backing_threads, config.backing_timeout)
         self.fs = MailFS(
@@ -89,6 +96,9 @@ class Daemon:
             Timeouts(config.index_timeout, config.passthrough_timeout),
             import_on_access=config.import_on_access,
         )
+        self.replication: Replication | None = None
+        if config.replication_enabled:
+            self.replication = Replication(config, self.store, self.fs)
 
     def start_metrics(self) -> None:
         """Bind the metrics port before mounting, so that a busy port is a clear error."""
@@ -141,11 +151,24 @@ class Daemon:
             "healthy": self.backing.healthy() and not store.last_commit_error,
             "requests": dict(REQUESTS.most_common()),
             "requests_total": sum(REQUESTS.values()),
+            "invalidations": self.fs.invalidator.sent,
+            **({"replication": self.replication.replicator.status()}
+               if self.replication is not None else {}),
         }
 
-    async def _flush(self, _request: dict[str, Any]) -> dict[str, Any]:
+    async def _flush(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.store.sync()
-        return {"committed_seq": self.store.committed_seq}
+        result: dict[str, Any] = {"committed_seq": self.store.committed_seq}
+        if self.replication is not None:
+            timeout = float(request.get("peer_timeout", FLUSH_PEER_TIMEOUT))
+            behind = await self.replication.replicator.wait_all_acked(timeout)
+            result["peers_behind"] = behind
+        return result
+
+    async def _unmount_check(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.replication is None or request.get("force"):
+            return {"blockers": []}
+        return {"blockers": self.replication.replicator.unmount_blockers()}
 
     async def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
         return self.status()
@@ -162,10 +185,14 @@ class Daemon:
         control = ControlServer(control_socket, {
             "status": self._status, "flush": self._flush,
             "import": self._import, "export": self._export,
+            "unmount_check": self._unmount_check,
         })
         async with trio.open_nursery() as nursery:
             await nursery.start(self.backing.serve)
             await nursery.start(self.store.run_committer)
+            await nursery.start(self.fs.invalidator.run)
+            if self.replication is not None:
+                await nursery.start(self.replication.run)
             await nursery.start(control.serve)
             nursery.start_soon(self._watch_signals)
             self._token = trio.lowlevel.current_trio_token()
@@ -219,6 +246,8 @@ def run(config: Config, ready_fd: int | None = None) -> int:
             raise UserError(f"cannot recover the state in {config.state_dir}: {exc}") from None
         try:
             daemon.start_metrics()
+            if daemon.replication is not None:
+                daemon.replication.bind()
         except UserError:
             daemon.store.close()
             raise

@@ -87,12 +87,12 @@ class MailfsMount:
         except FileNotFoundError:
             return ""
 
-    def stop(self) -> None:
+    def stop(self, *umount_args: str) -> None:
         """Unmount the way an admin does: `mailfs umount`, which flushes first."""
         if self.process is None:
             return
         if self.process.poll() is None:
-            result = run_cli("umount", str(self.mountpoint))
+            result = run_cli("umount", str(self.mountpoint), *umount_args)
             if result.returncode != 0:
                 self.kill()
                 raise RuntimeError(f"mailfs umount failed: {result.stderr.strip()}")

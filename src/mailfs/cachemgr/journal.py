@@ -87,7 +87,8 @@ class Journal:
         if old >= 0:
             os.close(old)
 
-    def append(self, op: Op, fields: tuple[Field, ...]) -> Record:
+    def append(self, op: Op, fields: tuple[Field, ...]) -> tuple[Record, bytes]:
+        """Write one record; returns it and its encoding (which replication sends as is)."""
         record = Record(self.seq + 1, op, fields)
         data = encode(record)
         try:
@@ -101,7 +102,7 @@ class Journal:
         self.offset += written
         self.bytes_since_rotate += written
         self.seq = record.seq
-        return record
+        return record, data
 
     def _cut_back(self) -> None:
         # A half-written record would stop replay there, so remove it now.

@@ -10,7 +10,15 @@ LMDB layout (named databases):
     names    dirpath + b"\\0" + name       -> fid(u64 BE); the empty name is the
                                              "this directory was imported" marker
     orphans  fid(u64 BE)                  -> b"" for files with nlink 0 still open
-    meta     b"seq", b"next_fid"          -> u64
+    replog   seq(u64 BE)                  -> u64 base version + encoded record: this
+                                             node's own changes, kept for peers until
+                                             every peer has acknowledged them
+    meta     b"seq", b"next_fid", b"epoch", b"replog_bytes" -> u64;
+             b"applied:" + origin node id -> u64, the last seq of that origin applied here
+
+Files carry a version: the (origin namespace, seq) of the change that last produced their
+content or attributes (see replication/identity.py). A change streamed to a peer names
+the version it was made against, so a peer whose copy moved on meanwhile notices.
 
 Atomicity note: everything from a journal append to the end of its `_apply_*` runs on
 the trio thread without an await, so no other request can observe a half-applied
@@ -26,7 +34,7 @@ import os
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +42,15 @@ import lmdb
 import trio
 
 from mailfs.cachemgr.journal import Journal
-from mailfs.cachemgr.records import Attrs, Field, Op, Record
+from mailfs.cachemgr.records import (
+    ATTRS,
+    Attrs,
+    Field,
+    Op,
+    Record,
+    encode,
+)
+from mailfs.replication.identity import fid_namespace, make_fid, make_version
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +62,28 @@ CHUNK_KEY = struct.Struct(">QI")
 U64 = struct.Struct("<Q")
 SEP = b"\0"
 IMPORTED = b""
+APPLIED_PREFIX = b"applied:"
+REPLOG_ENTRY = struct.Struct("<Q")  # base version, before the encoded record
+# Ops whose first field is the file they change: these carry and produce versions.
+VERSIONED_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK})
+CREATING_OPS = frozenset({Op.CREATE, Op.PUT})
 
 Overlay = dict[tuple[bytes, bytes], bytes | None]
 
 
 def name_key(dirpath: bytes, name: bytes) -> bytes:
     return dirpath + SEP + name
+
+
+def pack_file(attrs: Attrs, version: int) -> bytes:
+    return attrs.pack() + U64.pack(version)
+
+
+def unpack_file(raw: bytes | memoryview) -> tuple[Attrs, int]:
+    """Attributes and version of a stored file (stores from before versions have none)."""
+    attrs = Attrs.unpack(raw[:ATTRS.size])
+    version = int(U64.unpack(raw[ATTRS.size:])[0]) if len(raw) > ATTRS.size else 0
+    return attrs, version
 
 
 def nchunks(size: int) -> int:
@@ -67,6 +99,7 @@ class StoredFile:
     dirty_chunks: set[int] = field(default_factory=set)
     attrs_dirty: bool = False
     opens: int = 0
+    version: int = 0
 
     @property
     def size(self) -> int:
@@ -84,6 +117,26 @@ class StoreStats:
     ram_misses: int = 0
     evictions: int = 0
     journal_errors: int = 0
+    remote_applied: int = 0
+    conflicts: int = 0
+    last_conflict: str = ""
+
+
+@dataclass(slots=True)
+class LogEntry:
+    """One of this node's changes as peers receive it."""
+
+    seq: int
+    base_version: int
+    record: bytes
+
+
+class NeedSnapshot(Exception):
+    """The changes a peer needs are no longer in the replication log."""
+
+
+class SeqGap(Exception):
+    """A peer's change does not follow the last one applied from its origin."""
 
 
 def lmdb_errno(exc: lmdb.Error) -> int:
@@ -103,8 +156,17 @@ class MetaStore:
         map_size: int,
         commit_interval: float,
         commit_bytes: int,
+        node_id: str = "",
+        namespace: int = 0,
+        replicating: bool = False,
+        log_limit: int = 256 << 20,
     ) -> None:
         self.state_dir = state_dir
+        self.node_id = node_id
+        self.namespace = namespace
+        # Without peers there is nobody to keep a replication log for.
+        self.replicating = replicating
+        self.log_limit = log_limit
         self.ram_budget = ram_budget
         self.commit_interval = commit_interval
         self.commit_bytes = commit_bytes
@@ -120,6 +182,7 @@ class MetaStore:
         self.db_names = self.env.open_db(b"names")
         self.db_orphans = self.env.open_db(b"orphans")
         self.db_meta = self.env.open_db(b"meta")
+        self.db_replog = self.env.open_db(b"replog")
         self.dbs = {
             b"names": self.db_names, b"orphans": self.db_orphans, b"meta": self.db_meta,
         }
@@ -135,9 +198,27 @@ class MetaStore:
         self._commit_lock = trio.Lock()
         self._journal_error_logged = -1e9
         self._wake = trio.Event()
+        # Replication log entries not yet in LMDB (pending or being committed), in order.
+        self.replog_tail: list[LogEntry] = []
+        self.replog_trim_through = 0
+        self.installing = False
+        self.committed = trio.Event()  # set and replaced after every commit
+        # Whether the file system still refers to a file (a peer's DROP must wait then).
+        self.in_use: Callable[[int], bool] = lambda fid: False
+        # Called with the seq of each own change, after it is applied.
+        self.on_local_change: Callable[[int], None] = lambda seq: None
         with self.env.begin() as txn:
             self.committed_seq = self._meta_int(txn, b"seq")
-            self.next_fid = max(1, self._meta_int(txn, b"next_fid"))
+            next_fid = self._meta_int(txn, b"next_fid")
+            self.epoch = self._meta_int(txn, b"epoch") + 1
+            self.replog_bytes = self._meta_int(txn, b"replog_bytes")
+            self.replog_first = self._first_logged(txn)
+            self.committed_applied = self._read_applied(txn)
+        if next_fid == 0 or fid_namespace(next_fid) != namespace:
+            # A new namespace (first start, or replication turned on): count from 1 in it.
+            next_fid = make_fid(namespace, 1)
+        self.next_fid = next_fid
+        self.applied = dict(self.committed_applied)
 
     # ---------------------------------------------------------------- startup / shutdown
 
@@ -145,12 +226,13 @@ class MetaStore:
         """Replay the journal over LMDB, drop orphans, commit. Returns records replayed."""
         replayed = 0
         for record in self.journal.replay(self.committed_seq):
-            self._apply(record)
+            self._apply_own(record, encode(record))
             replayed += 1
         self.stats.replayed_records = replayed
         for fid in self._orphans():
             self._apply_drop(fid)
         self.journal.start(max(self.journal.seq, self.committed_seq))
+        self._set(b"meta", b"epoch", U64.pack(self.epoch))
         self.commit_now()
         # LMDB now holds everything replay could trust. Older journal files go, including
         # one that replay stopped in: left there, it would stop every later replay early.
@@ -166,6 +248,21 @@ class MetaStore:
     def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
         raw = txn.get(key, db=self.db_meta)
         return 0 if raw is None else int(U64.unpack(raw)[0])
+
+    def _read_applied(self, txn: lmdb.Transaction) -> dict[str, int]:
+        applied: dict[str, int] = {}
+        cursor = txn.cursor(db=self.db_meta)
+        if cursor.set_range(APPLIED_PREFIX):
+            for key, value in cursor:
+                if not bytes(key).startswith(APPLIED_PREFIX):
+                    break
+                applied[bytes(key[len(APPLIED_PREFIX):]).decode()] = int(U64.unpack(value)[0])
+        return applied
+
+    def _first_logged(self, txn: lmdb.Transaction) -> int:
+        """The oldest seq still in the replication log, or 0 if it is empty."""
+        cursor = txn.cursor(db=self.db_replog)
+        return int(FID.unpack(cursor.key())[0]) if cursor.first() else 0
 
     # ---------------------------------------------------------------- overlay reads
 
@@ -244,7 +341,7 @@ class MetaStore:
             raw = txn.get(key, db=self.db_files)
             if raw is None:
                 raise FileNotFoundError(errno.ENOENT, f"replicated file {fid} is gone")
-            attrs = Attrs.unpack(raw)
+            attrs, version = unpack_file(raw)
             content = bytearray()
             cursor = txn.cursor(db=self.db_chunks)
             if cursor.set_range(key):
@@ -255,7 +352,7 @@ class MetaStore:
         del content[attrs.size:]
         if len(content) < attrs.size:
             content.extend(bytes(attrs.size - len(content)))
-        stored = StoredFile(fid, attrs, content, committed_size=attrs.size)
+        stored = StoredFile(fid, attrs, content, committed_size=attrs.size, version=version)
         self._cache(stored)
         return stored
 
@@ -286,8 +383,10 @@ class MetaStore:
     # ---------------------------------------------------------------- public mutators
 
     def _log(self, op: Op, *fields: Field) -> None:
+        if self.installing:
+            raise OSError(errno.EAGAIN, "a snapshot from a peer is being installed")
         try:
-            record = self.journal.append(op, fields)
+            record, data = self.journal.append(op, fields)
         except OSError as exc:
             self.stats.journal_errors += 1
             if time.monotonic() - self._journal_error_logged > 10:
@@ -295,8 +394,102 @@ class MetaStore:
                 log.error("cannot journal a change to an index file (%s): the writer gets "
                           "%s and nothing is changed", exc, errno.errorcode.get(exc.errno or 0))
             raise
-        self._apply(record)
+        self._apply_own(record, data)
         if self.journal.bytes_since_rotate >= self.commit_bytes:
+            self._wake.set()
+        self.on_local_change(record.seq)
+
+    def _apply_own(self, record: Record, data: bytes) -> None:
+        base = self._version_of(record)
+        self._apply(record)
+        self._set_version(record, make_version(self.namespace, record.seq))
+        if self.replicating:
+            self.replog_tail.append(LogEntry(record.seq, base, data))
+
+    def _version_of(self, record: Record) -> int:
+        """The version of the file a change is made against (0: none)."""
+        if record.op not in VERSIONED_OPS:
+            return 0
+        try:
+            return self.get(record.fields[0]).version  # type: ignore[arg-type]
+        except FileNotFoundError:
+            return 0
+
+    def _set_version(self, record: Record, version: int) -> None:
+        if record.op in VERSIONED_OPS or record.op in CREATING_OPS:
+            stored = self.files.get(record.fields[0])  # type: ignore[arg-type]
+            if stored is not None:
+                stored.version = version
+                self._touch(stored)
+
+    # ---------------------------------------------------------------- peers' changes
+
+    def apply_remote(self, origin: str, origin_namespace: int, seq: int, base_version: int,
+                     record: Record) -> str | None:
+        """Apply one change of a peer, exactly once and in order.
+
+        Returns None when applied (or already applied before), or a description of the
+        conflict when this copy of the file moved on since the change was made: such a
+        change is counted and skipped, never applied over local content. Either way the
+        origin's applied seq advances, in the same LMDB commit as the change itself.
+        """
+        last = self.applied.get(origin, 0)
+        if seq <= last:
+            return None  # resent after a reconnect; already here
+        if seq != last + 1:
+            raise SeqGap(f"change {seq} of {origin!r} does not follow {last}")
+        if self.installing:
+            raise SeqGap("a snapshot is being installed")
+        conflict = self._conflict(record, base_version)
+        if conflict is None:
+            fid = record.fields[0] if record.op is Op.DROP else 0
+            if not (isinstance(fid, int) and fid and self.in_use(fid)):
+                # A file still open here is dropped by the local release instead.
+                self._apply(record)
+                self._set_version(record, make_version(origin_namespace, seq))
+        else:
+            self.stats.conflicts += 1
+            self.stats.last_conflict = f"{origin} seq {seq}: {conflict}"
+        self.applied[origin] = seq
+        self._set(b"meta", APPLIED_PREFIX + origin.encode(), U64.pack(seq))
+        self.stats.remote_applied += 1
+        return conflict
+
+    def _conflict(self, record: Record, base_version: int) -> str | None:
+        f = record.fields
+        if record.op not in VERSIONED_OPS and record.op not in CREATING_OPS:
+            return None
+        fid = f[0]
+        assert isinstance(fid, int)
+        what = f"{record.op.name} of file {fid:#x}"
+        try:
+            version = self.get(fid).version
+        except FileNotFoundError:
+            version = None
+        if record.op in VERSIONED_OPS:
+            if version is None:
+                return f"{what}, which does not exist here"
+            if version != base_version:
+                return (f"{what} made against version {base_version:#x}, but the copy "
+                        f"here is at {version:#x}")
+            return None
+        if version is not None:
+            return f"{what}, which already exists here"
+        dirpath, name = f[1], f[2]
+        assert isinstance(dirpath, bytes) and isinstance(name, bytes)
+        existing = self.lookup(dirpath, name)
+        if record.op is Op.CREATE and existing is not None:
+            path = (dirpath + b"/" + name).decode(errors="replace")
+            return f"CREATE of {path}, which names file {existing:#x} here"
+        return None
+
+    def request_commit(self) -> None:
+        self._wake.set()
+
+    def skip_to(self, seq: int) -> None:
+        """Continue own seqs after `seq`: a peer has applied changes this node lost."""
+        if seq > self.journal.seq:
+            self.journal.seq = seq
             self._wake.set()
 
     def create(self, dirpath: bytes, name: bytes, mode: int, uid: int, gid: int) -> StoredFile:
@@ -390,7 +583,8 @@ class MetaStore:
 
     def _apply_put(self, fid: int, dirpath: bytes, name: bytes, attrs: Attrs,
                    content: bytes) -> None:
-        self.next_fid = max(self.next_fid, fid + 1)
+        if fid_namespace(fid) == self.namespace:  # other nodes' ids are not ours to count
+            self.next_fid = max(self.next_fid, fid + 1)
         attrs = attrs.copy()
         attrs.nlink = 1
         attrs.size = len(content)
@@ -543,12 +737,15 @@ class MetaStore:
         self.stats.commit_seconds += time.monotonic() - started
 
     def _prepare_batch(self) -> Batch | None:
+        trim = self.replog_trim_through if self.replog_trim_through >= self.replog_first > 0 \
+            else 0
         if (self.journal.seq == self.committed_seq and not self.pending
-                and not self.dirty_fids and not self.drops):
+                and not self.dirty_fids and not self.drops and not trim):
             return None
         generation = self.journal.rotate()
         batch = Batch(seq=self.journal.seq, generation=generation, overlay=self.pending,
-                      drops=self.drops, next_fid=self.next_fid)
+                      drops=self.drops, next_fid=self.next_fid, log=list(self.replog_tail),
+                      trim_through=trim)
         self.pending, self.drops = {}, set()
         self.committing = batch.overlay
         for fid in self.dirty_fids:
@@ -574,12 +771,36 @@ class MetaStore:
                     image.write(txn, self.db_files, self.db_chunks)
                 txn.put(b"seq", U64.pack(batch.seq), db=self.db_meta)
                 txn.put(b"next_fid", U64.pack(batch.next_fid), db=self.db_meta)
+                if batch.log or batch.trim_through:
+                    batch.replog = self._write_replog(txn, batch)
         except lmdb.Error as exc:
             code = lmdb_errno(exc)
             if code == errno.EIO and self._disk_nearly_full(batch):
                 # LMDB reports a short write as EIO; on a full disk that means ENOSPC.
                 code = errno.ENOSPC
             raise OSError(code, f"LMDB commit failed: {exc}") from exc
+
+    def _write_replog(self, txn: lmdb.Transaction, batch: Batch) -> tuple[int, int]:
+        """Append the batch's own changes to the log, then drop what every peer has, and
+        the oldest entries beyond the size limit (a peer that needed them gets a snapshot).
+        Returns the log's new size and first seq."""
+        size = self.replog_bytes
+        for entry in batch.log:
+            value = REPLOG_ENTRY.pack(entry.base_version) + entry.record
+            if txn.put(FID.pack(entry.seq), value, db=self.db_replog, overwrite=False):
+                size += len(value)
+        cursor = txn.cursor(db=self.db_replog)
+        first = 0
+        while cursor.first():
+            seq = int(FID.unpack(cursor.key())[0])
+            if seq > batch.trim_through and size <= self.log_limit:
+                first = seq
+                break
+            size -= len(cursor.value())
+            cursor.delete()
+        size = max(size, 0) if first else 0
+        txn.put(b"replog_bytes", U64.pack(size), db=self.db_meta)
+        return size, first
 
     def _disk_nearly_full(self, batch: Batch) -> bool:
         try:
@@ -599,6 +820,15 @@ class MetaStore:
                 pass
 
     def _batch_done(self, batch: Batch) -> None:
+        for (db, key), value in batch.overlay.items():
+            if db == b"meta" and key.startswith(APPLIED_PREFIX) and value is not None:
+                self.committed_applied[key[len(APPLIED_PREFIX):].decode()] = int(
+                    U64.unpack(value)[0])
+        if batch.replog is not None:
+            self.replog_bytes, self.replog_first = batch.replog
+            done = len(batch.log)
+            if done:
+                del self.replog_tail[:done]
         self.committing = {}
         self.committing_fids = set()
         self.committed_seq = batch.seq
@@ -608,6 +838,8 @@ class MetaStore:
                 stored.committed_size = image.size
         self.journal.remove_through(batch.generation)
         self.stats.commits += 1
+        self.committed.set()
+        self.committed = trio.Event()
         if self.stats.last_commit_error:
             log.warning("LMDB commits work again")
             self.stats.last_commit_error = ""
@@ -628,6 +860,96 @@ class MetaStore:
         self.stats.last_commit_error = "commit failed (see log)"
         log.error("LMDB commit of %d changes failed; they stay in RAM and the journal",
                   batch.seq - self.committed_seq)
+
+    # ---------------------------------------------------------------- replication log
+
+    def records_after(self, seq: int, max_bytes: int) -> list[LogEntry]:
+        """This node's changes after `seq`, in order, about `max_bytes` of them.
+
+        Raises NeedSnapshot when the next one is no longer in the log (trimmed beyond the
+        size limit, or this node skipped seqs it had lost).
+        """
+        wanted = seq + 1
+        found: list[LogEntry] = []
+        size = 0
+        tail = self.replog_tail
+        tail_first = tail[0].seq if tail else self.journal.seq + 1
+        if wanted < tail_first:
+            if not self.replog_first or wanted < self.replog_first:
+                raise NeedSnapshot(f"change {wanted} is no longer in the replication log")
+            with self.env.begin(db=self.db_replog) as txn:
+                cursor = txn.cursor()
+                if cursor.set_range(FID.pack(wanted)):
+                    for key, value in cursor:
+                        logged = int(FID.unpack(key)[0])
+                        if logged != wanted:
+                            break
+                        found.append(LogEntry(logged, REPLOG_ENTRY.unpack_from(value)[0],
+                                              bytes(value[REPLOG_ENTRY.size:])))
+                        wanted += 1
+                        size += len(value)
+                        if size >= max_bytes or wanted >= tail_first:
+                            break
+            if size >= max_bytes:
+                return found
+            if wanted < tail_first and wanted <= self.journal.seq:
+                if found:
+                    return found
+                raise NeedSnapshot(f"change {wanted} is missing from the replication log")
+        start = wanted - tail_first
+        if start < 0 or (tail and start < len(tail) and tail[start].seq != wanted):
+            if found:
+                return found
+            raise NeedSnapshot(f"change {wanted} is not in sequence in the replication log")
+        for entry in tail[start:]:
+            found.append(entry)
+            size += len(entry.record)
+            if size >= max_bytes:
+                break
+        return found
+
+    async def replace_state(self, install: Callable[[], int], origin_seqs: dict[str, int]
+                            ) -> int:
+        """Swap in a peer's snapshot: `install` (run in a thread) writes it into LMDB and
+        returns the next free file id. Returns how many own changes the snapshot lacks.
+
+        Changes are refused (EAGAIN) from before the last commit until the swap is done,
+        so no change is made against the old state and then lost.
+        """
+        async with self._commit_lock:
+            self.installing = True
+            try:
+                await self._commit_locked()
+                next_fid = await trio.to_thread.run_sync(install)
+            finally:
+                self.installing = False
+            self.files.clear()
+            self.ram_bytes = 0
+            self.dirty_fids.clear()
+            self.drops.clear()
+            self.pending.clear()
+            self.next_fid = next_fid
+            self.committed_applied = {
+                origin: seq for origin, seq in origin_seqs.items() if origin != self.node_id
+            }
+            self.applied = dict(self.committed_applied)
+            own = origin_seqs.get(self.node_id, 0)
+            lost = max(0, self.journal.seq - own)
+            self.skip_to(own)
+            self.committed.set()  # the installed applied seqs are committed: ack them
+            self.committed = trio.Event()
+            return lost
+
+    def acknowledged_by_all(self, seq: int) -> None:
+        """Every peer has `seq`: the log up to it can go at the next commit."""
+        if seq > self.replog_trim_through:
+            self.replog_trim_through = seq
+
+    def all_names(self) -> set[tuple[bytes, bytes]]:
+        return {
+            (key.partition(SEP)[0], key.partition(SEP)[2])
+            for key, value in self._scan(b"names", b"").items() if value
+        }
 
     # ---------------------------------------------------------------- status
 
@@ -650,6 +972,9 @@ class MetaStore:
             "journal_bytes": self.journal.size(),
             "journal_seq": self.journal.seq,
             "committed_seq": self.committed_seq,
+            "replog_bytes": self.replog_bytes + sum(len(e.record) for e in self.replog_tail),
+            "replog_first_seq": self.replog_first or (
+                self.replog_tail[0].seq if self.replog_tail else 0),
         }
 
     def all_files(self) -> Iterator[tuple[bytes, bytes, int]]:
@@ -681,7 +1006,7 @@ class FileImage:
             for index in stored.dirty_chunks if index < live
         }
         stale = range(live, max(live, nchunks(stored.committed_size)))
-        return cls(stored.fid, stored.attrs.pack(), size, chunks, stale,
+        return cls(stored.fid, pack_file(stored.attrs, stored.version), size, chunks, stale,
                    set(stored.dirty_chunks))
 
     def write(self, txn: lmdb.Transaction, db_files: lmdb._Database,
@@ -700,4 +1025,7 @@ class Batch:
     overlay: Overlay
     drops: set[int]
     next_fid: int
+    log: list[LogEntry] = field(default_factory=list)
+    trim_through: int = 0
     files: list[FileImage] = field(default_factory=list)
+    replog: tuple[int, int] | None = None  # the log's size and first seq after the commit

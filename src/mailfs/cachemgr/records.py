@@ -38,6 +38,9 @@ class Op(enum.IntEnum):
     PUT = 10
     MARK_IMPORTED = 11
     REMOVE_DIR = 12
+    # Snapshot entries only (never journaled): a whole file with its version, and a name.
+    SNAP_FILE = 13
+    SNAP_NAME = 14
 
 
 @dataclass(slots=True)
@@ -82,6 +85,8 @@ LAYOUT: dict[Op, str] = {
     Op.PUT: "qbbab",        # fid, dirpath, name, attrs, content
     Op.MARK_IMPORTED: "b",  # dirpath
     Op.REMOVE_DIR: "b",     # dirpath
+    Op.SNAP_FILE: "qqab",   # fid, version, attrs, content
+    Op.SNAP_NAME: "bbq",    # dirpath, name, fid (0: the directory's import marker)
 }
 
 Field = int | bytes | Attrs
@@ -167,3 +172,17 @@ def decode_stream(data: bytes) -> Iterator[Record]:
             raise CorruptRecord(f"checksum mismatch at byte {pos}")
         yield decode_body(body)
         pos = end
+
+
+def decode_one(data: bytes | memoryview) -> Record:
+    """Exactly one complete record (as journaled, with its header); anything else raises."""
+    view = memoryview(data)
+    if len(view) < HEADER.size:
+        raise CorruptRecord("record shorter than its header")
+    length, checksum = HEADER.unpack_from(view, 0)
+    if length != len(view) - HEADER.size:
+        raise CorruptRecord(f"record length {length} does not match its {len(view)} bytes")
+    body = view[HEADER.size:]
+    if xxhash.xxh3_64_intdigest(body) != checksum:
+        raise CorruptRecord("record checksum mismatch")
+    return decode_body(body)

@@ -21,7 +21,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from mailfs.cachemgr.backing import Backing
 from mailfs.cachemgr.metastore import MetaStore, StoredFile
 from mailfs.cachemgr.records import Attrs
 from mailfs.fs.classifier import Classifier, FileClass
+from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.nodes import (
     ROOT,
     Handle,
@@ -95,6 +96,10 @@ class MailFS:
         self._imports: dict[int, trio.Event] = {}
         self.getattr_by_kind: Counter[str] = Counter()
         self._next_fh = 1
+        self.invalidator = KernelInvalidator()
+        # Sync replication: what fsync of an index file waits for after the local commit.
+        self.wait_replicated: Callable[[int], Awaitable[None]] | None = None
+        store.in_use = self.table.fid_inode.__contains__
 
     # ------------------------------------------------------------------ helpers
 
@@ -824,10 +829,16 @@ class MailFS:
             return len(data)
         return await self.backing.run(os.pwrite, handle.fd, data, offset)
 
+    async def _sync_replicated(self) -> None:
+        target = self.store.journal.seq
+        await self.store.sync()
+        if self.wait_replicated is not None:
+            await self.wait_replicated(target)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handle(fh)
         if handle.node.kind is Kind.REPLICATED:
-            await self.store.sync()
+            await self._sync_replicated()
         elif handle.node.kind is Kind.PASSTHROUGH:
             await self.backing.run_waiting(os.fdatasync if datasync else os.fsync, handle.fd)
 
@@ -887,7 +898,7 @@ class MailFS:
         listing = self.dir_handles.get(fh)
         if listing is None:
             raise oserror(errno.EBADF)
-        await self.store.sync()
+        await self._sync_replicated()
         await self.backing.run_waiting(_fsync_dir,
                                        self.backing.path(self.table.dirpath(listing.node)))
 

@@ -114,6 +114,18 @@ class InodeTable:
             node = self.nodes[node.parent]
         return b"/".join(reversed(parts))
 
+    def dir_inode(self, dirpath: bytes) -> int | None:
+        """The inode of a directory the kernel knows, by path; None if it knows none."""
+        inode = ROOT
+        if not dirpath:
+            return inode
+        for part in dirpath.split(b"/"):
+            found = self.entries.get((inode, part))
+            if found is None:
+                return None
+            inode = found
+        return inode
+
     def child_path(self, parent: Node, name: bytes) -> bytes:
         base = self.dirpath(parent)
         return base + b"/" + name if base else name

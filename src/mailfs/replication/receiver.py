@@ -1,0 +1,277 @@
+"""Accepting peers' connections and applying their changes.
+
+Trust: the TLS handshake proves the client holds a certificate from the cluster CA, and
+the node id in its Hello must be one of the names in that certificate and one of our
+configured peers. A peer may only send its own changes. Anything wrong, including a
+record that fails its checksum or does not parse, closes the connection before anything
+of it is applied, and is logged and counted.
+
+A change is acknowledged only once it is committed to LMDB here; the applied seq of its
+origin is in the same LMDB transaction, so a crash can never apply a change twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from mailfs.cachemgr.metastore import SeqGap
+from mailfs.cachemgr.records import CorruptRecord, Op, decode_one
+from mailfs.cachemgr.snapshot import install_snapshot, remove_quietly, snapshot_path
+from mailfs.fs.invalidation import names_changed
+from mailfs.replication.identity import node_namespace
+from mailfs.replication.link import (
+    HANDSHAKE_TIMEOUT,
+    Link,
+    Refused,
+    connection_error,
+    describe,
+)
+from mailfs.replication.protocol import (
+    Ack,
+    Changes,
+    Goodbye,
+    Ping,
+    Pong,
+    Session,
+    SnapshotBegin,
+    SnapshotChunk,
+    SnapshotEnd,
+)
+from mailfs.replication.replicator import Replicator
+from mailfs.replication.tls import certificate_names
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_ONLY_OPS = frozenset({Op.SNAP_FILE, Op.SNAP_NAME})
+
+
+@dataclass
+class Incoming:
+    """One peer's stream of changes to us."""
+
+    origin: str
+    link: Link
+    acked: int
+    snapshot_file: BinaryIO | None = None
+    snapshot_path: Path | None = None
+    snapshot_begin: SnapshotBegin | None = None
+    conflicts_logged: int = 0
+    ack_needed: trio.Event = field(default_factory=trio.Event)
+
+
+class Receiver:
+    def __init__(self, replicator: Replicator, context: ssl.SSLContext) -> None:
+        self.replicator = replicator
+        self.store = replicator.store
+        self.context = context
+        self.active: dict[str, trio.CancelScope] = {}
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        try:
+            host, port = tcp.socket.getpeername()[:2]
+            address = f"{host}:{port}"
+        except OSError:
+            address = "?"
+        stream = trio.SSLStream(tcp, self.context, server_side=True)
+        link: Link | None = None
+        origin = "?"
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+                session = Session("server", self.replicator.node_id,
+                                  self.replicator.config.cluster, self.store.epoch,
+                                  lambda: self.store.committed_applied)
+                link = Link(stream, session)
+                while session.peer_node_id is None:
+                    await link.receive()
+            origin = session.peer_node_id
+            self._check_identity(stream, origin)
+            await link.send_frame(session.welcome())
+            with self._exclusive(origin):
+                await self._serve_peer(link, origin)
+        except Exception as exc:
+            error = connection_error(exc)
+            if error is None:
+                log.exception("replication connection from %s (%s) failed", origin, address)
+                reason = f"internal error: {exc!r}"
+            else:
+                reason = describe(error)
+            if link is not None and not isinstance(error, Refused) and link.session.established:
+                log.warning("replication stream from %s (%s) closed: %s", origin, address,
+                            reason)
+            else:
+                log.warning("refused replication connection from %s (%s): %s", origin,
+                            address, reason)
+                self.replicator.note_rejection(f"{origin} ({address}): {reason}")
+            if link is not None and isinstance(error, Refused):
+                try:
+                    with trio.move_on_after(1):
+                        await link.send(Goodbye(reason))
+                except Exception:
+                    pass
+        finally:
+            if link is not None:
+                await link.aclose()
+            else:
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await tcp.aclose()
+
+    def _check_identity(self, stream: trio.SSLStream[trio.SocketStream], origin: str) -> None:
+        names = certificate_names(stream)
+        if origin not in names:
+            raise Refused(f"node id {origin!r} is not in its certificate "
+                          f"(which names {', '.join(sorted(names)) or 'nothing'})")
+        if origin not in self.replicator.peers:
+            raise Refused(f"node {origin!r} is not one of this node's configured peers")
+
+    @contextmanager
+    def _exclusive(self, origin: str) -> Iterator[None]:
+        """One stream per origin: a reconnect replaces a connection that has not noticed
+        its end yet, so changes of one origin are never applied from two at once."""
+        previous = self.active.get(origin)
+        if previous is not None:
+            previous.cancel()
+        with trio.CancelScope() as scope:
+            self.active[origin] = scope
+            state = self.replicator.peers[origin]
+            state.incoming = True
+            try:
+                yield
+            finally:
+                if self.active.get(origin) is scope:
+                    del self.active[origin]
+                    state.incoming = False
+                    state.incoming_snapshot = None
+
+    async def _serve_peer(self, link: Link, origin: str) -> None:
+        incoming = Incoming(origin, link, link.session.advertised.get(origin, 0))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._acknowledge, incoming)
+                while True:
+                    for message in await link.receive():
+                        if await self._on_message(incoming, message):
+                            nursery.cancel_scope.cancel()
+                            return
+        finally:
+            if incoming.snapshot_file is not None:
+                incoming.snapshot_file.close()
+            if incoming.snapshot_path is not None:
+                remove_quietly(incoming.snapshot_path)
+
+    async def _on_message(self, incoming: Incoming, message: object) -> bool:
+        """Act on one message; True when the peer said goodbye."""
+        match message:
+            case Changes():
+                self._apply(incoming, message)
+            case Ping():
+                await incoming.link.send(Pong(message.nonce))
+            case SnapshotBegin():
+                await self._snapshot_begin(incoming, message)
+            case SnapshotChunk():
+                assert incoming.snapshot_file is not None
+                await trio.to_thread.run_sync(incoming.snapshot_file.write, message.data)
+                self.replicator.peers[incoming.origin].incoming_snapshot = (
+                    incoming.link.session.incoming_snapshot)
+            case SnapshotEnd():
+                await self._snapshot_end(incoming)
+            case Goodbye():
+                log.info("replication stream from %s ended: %s", incoming.origin,
+                         message.reason)
+                return True
+            case _:
+                raise Refused(f"unexpected {type(message).__name__} from a sending peer")
+        return False
+
+    def _apply(self, incoming: Incoming, changes: Changes) -> None:
+        origin = incoming.origin
+        if changes.origin != origin:
+            raise Refused(f"{origin!r} sent changes of {changes.origin!r}; a peer may only "
+                          "send its own")
+        # Check every record before applying any: a damaged batch applies nothing.
+        records = []
+        for change in changes.records:
+            try:
+                record = decode_one(change.record)
+            except CorruptRecord as exc:
+                raise Refused(f"change {change.seq} of {origin!r} is damaged: {exc}") from exc
+            if record.seq != change.seq or record.op in SNAPSHOT_ONLY_OPS:
+                raise Refused(f"change {change.seq} of {origin!r} carries a "
+                              f"{record.op.name} record with seq {record.seq}")
+            records.append((change, record))
+        namespace = node_namespace(origin)
+        for change, record in records:
+            displaced = [fid for fid in (self.store.lookup(d, n)
+                                         for d, n in names_changed(record)) if fid]
+            try:
+                conflict = self.store.apply_remote(origin, namespace, change.seq,
+                                                   change.base_version, record)
+            except SeqGap as exc:
+                raise Refused(str(exc)) from exc
+            except (ValueError, TypeError, AssertionError) as exc:
+                raise Refused(f"change {change.seq} of {origin!r} cannot be applied: "
+                              f"{exc}") from exc
+            if conflict is not None:
+                if incoming.conflicts_logged < 100:
+                    incoming.conflicts_logged += 1
+                    log.error("CONFLICT: change %d of %s not applied: %s", change.seq,
+                              origin, conflict)
+            else:
+                self.replicator.on_applied(record, displaced)
+        self.store.request_commit()
+
+    async def _acknowledge(self, incoming: Incoming) -> None:
+        while True:
+            committed = self.store.committed
+            done = self.store.committed_applied.get(incoming.origin, 0)
+            if done > incoming.acked:
+                await incoming.link.send(Ack(incoming.origin, done))
+                incoming.acked = done
+                continue
+            await committed.wait()
+
+    async def _snapshot_begin(self, incoming: Incoming, begin: SnapshotBegin) -> None:
+        if incoming.snapshot_file is not None:
+            incoming.snapshot_file.close()
+        path = snapshot_path(self.store, "in", begin.snapshot_id)
+        incoming.snapshot_path = path
+        incoming.snapshot_file = await trio.to_thread.run_sync(open, path, "wb")
+        incoming.snapshot_begin = begin
+        log.info("receiving a snapshot from %s: %.1f MB", incoming.origin,
+                 begin.total_bytes / 1e6)
+
+    async def _snapshot_end(self, incoming: Incoming) -> None:
+        begin, path, out = (incoming.snapshot_begin, incoming.snapshot_path,
+                            incoming.snapshot_file)
+        assert begin is not None and path is not None and out is not None
+        await trio.to_thread.run_sync(out.close)
+        incoming.snapshot_file = None
+        names_before = self.store.all_names()
+        try:
+            lost = await self.store.replace_state(
+                partial(install_snapshot, self.store, path, begin.origin_seqs),
+                begin.origin_seqs)
+        except CorruptRecord as exc:
+            raise Refused(f"snapshot from {incoming.origin!r} is damaged: {exc}") from exc
+        finally:
+            remove_quietly(path)
+            incoming.snapshot_path = None
+        self.replicator.on_replaced(names_before | self.store.all_names())
+        self.replicator.peers[incoming.origin].incoming_snapshot = None
+        log.info("installed a snapshot from %s (%.1f MB); applied seqs now %s",
+                 incoming.origin, begin.total_bytes / 1e6, begin.origin_seqs)
+        if lost:
+            log.error("the snapshot from %s lacks %d of this node's own recent changes; "
+                      "they are no longer in this node's files", incoming.origin, lost)
+        # The sender forgot what we acknowledged before: acknowledge the snapshot.
+        incoming.acked = -1
