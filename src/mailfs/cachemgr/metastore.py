@@ -457,6 +457,14 @@ class MetaStore:
 
     def _conflict(self, record: Record, base_version: int) -> str | None:
         f = record.fields
+        if record.op is Op.DROP:
+            try:
+                stored = self.get(f[0])  # type: ignore[arg-type]
+            except FileNotFoundError:
+                return None
+            if stored.attrs.nlink:
+                return f"DROP of file {stored.fid:#x}, which still has names here"
+            return None
         if record.op not in VERSIONED_OPS and record.op not in CREATING_OPS:
             return None
         fid = f[0]

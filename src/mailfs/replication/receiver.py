@@ -241,6 +241,13 @@ class Receiver:
             await committed.wait()
 
     async def _snapshot_begin(self, incoming: Incoming, begin: SnapshotBegin) -> None:
+        me = self.replicator.node_id
+        missing = self.store.journal.seq - begin.origin_seqs.get(me, 0)
+        if missing > 0:
+            # Installing it would throw away changes made here that the sender has not
+            # received yet. Our own stream delivers them; the sender retries after that.
+            raise Refused(f"the snapshot from {incoming.origin!r} lacks {missing} of this "
+                          f"node's own changes; it may be sent once they reached it")
         if incoming.snapshot_file is not None:
             incoming.snapshot_file.close()
         path = snapshot_path(self.store, "in", begin.snapshot_id)
