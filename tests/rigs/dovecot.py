@@ -99,6 +99,7 @@ def mail_location(mail_format: str) -> str:
 def render_config(
     *, base_dir: Path, state_dir: Path, log_path: Path, passwd_file: Path, mail_root: Path,
     mail_format: str, port: int, uid: int, gid: int, instance: str, greeting: str,
+    mail_fsync: str = "optimized",
 ) -> str:
     # Built from scratch rather than from /etc/dovecot so a system config cannot leak in.
     return f"""\
@@ -120,7 +121,7 @@ mail_location = {mail_location(mail_format)}
 # Settings for mail on a FUSE filesystem: mailfs serves index files from its cache, so
 # mmap is fine and fcntl locks work; O_EXCL dot-locks are what mailfs's lock class expects.
 mmap_disable = no
-mail_fsync = optimized
+mail_fsync = {mail_fsync}
 lock_method = fcntl
 dotlock_use_excl = yes
 mail_nfs_index = no
@@ -162,7 +163,13 @@ class Dovecot:
         mail_format: str = "maildir",
         users: Mapping[str, str] = DEFAULT_USERS,
         port: int | None = None,
+        mail_fsync: str = "optimized",
     ) -> None:
+        """mail_fsync="always" makes Dovecot fsync every index change, not only mail files:
+        what a node crash may then lose is only what no IMAP command has confirmed yet."""
+        if mail_fsync not in ("optimized", "always", "never"):
+            raise ValueError(f"unknown mail_fsync {mail_fsync!r}")
+        self.mail_fsync = mail_fsync
         self.workdir = workdir
         self.mail_root = mail_root
         self.mail_format = mail_format
@@ -194,7 +201,7 @@ class Dovecot:
             base_dir=self.base_dir, state_dir=state_dir, log_path=self.log_path,
             passwd_file=passwd_file, mail_root=self.mail_root, mail_format=self.mail_format,
             port=self.port, uid=uid, gid=gid, instance=f"mailfs-test-{self.port}",
-            greeting=self.greeting,
+            greeting=self.greeting, mail_fsync=self.mail_fsync,
         ))
 
     def start(self) -> Dovecot:

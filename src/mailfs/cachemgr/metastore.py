@@ -193,6 +193,7 @@ class MetaStore:
         self.dirty_fids: set[int] = set()
         self.committing_fids: set[int] = set()
         self.drops: set[int] = set()  # files whose record and chunks go at the next commit
+        self.committing_drops: set[int] = set()
         self.stats = StoreStats()
         self.journal = Journal(state_dir)
         self._commit_lock = trio.Lock()
@@ -336,6 +337,9 @@ class MetaStore:
             self.stats.ram_hits += 1
             return cached
         self.stats.ram_misses += 1
+        if fid in self.drops or fid in self.committing_drops:
+            # Dropped, but LMDB still has it until the commit: never read it back.
+            raise FileNotFoundError(errno.ENOENT, f"replicated file {fid} is gone")
         key = FID.pack(fid)
         with self.env.begin() as txn:
             raw = txn.get(key, db=self.db_files)
@@ -756,6 +760,7 @@ class MetaStore:
                       trim_through=trim)
         self.pending, self.drops = {}, set()
         self.committing = batch.overlay
+        self.committing_drops = batch.drops
         for fid in self.dirty_fids:
             stored = self.files[fid]
             batch.files.append(FileImage.capture(stored))
@@ -839,6 +844,7 @@ class MetaStore:
                 del self.replog_tail[:done]
         self.committing = {}
         self.committing_fids = set()
+        self.committing_drops = set()
         self.committed_seq = batch.seq
         for image in batch.files:
             stored = self.files.get(image.fid)
@@ -856,6 +862,7 @@ class MetaStore:
         batch.overlay.update(self.pending)
         self.pending = batch.overlay
         self.committing = {}
+        self.committing_drops = set()
         self.drops |= batch.drops
         for image in batch.files:
             stored = self.files.get(image.fid)
