@@ -135,6 +135,10 @@ class NeedSnapshot(Exception):
     """The changes a peer needs are no longer in the replication log."""
 
 
+class SnapshotStale(Exception):
+    """A snapshot that lacks some of this node's own changes: installing it loses them."""
+
+
 class SeqGap(Exception):
     """A peer's change does not follow the last one applied from its origin."""
 
@@ -924,17 +928,24 @@ class MetaStore:
         return found
 
     async def replace_state(self, install: Callable[[], int], origin_seqs: dict[str, int]
-                            ) -> int:
+                            ) -> None:
         """Swap in a peer's snapshot: `install` (run in a thread) writes it into LMDB and
-        returns the next free file id. Returns how many own changes the snapshot lacks.
+        returns the next free file id.
 
-        Changes are refused (EAGAIN) from before the last commit until the swap is done,
-        so no change is made against the old state and then lost.
+        Local changes are refused (EAGAIN) from before the last commit until the swap is
+        done, so none is made against the old state and then lost; a snapshot that lacks
+        any of this node's own changes raises SnapshotStale and changes nothing.
         """
         async with self._commit_lock:
             self.installing = True
             try:
                 await self._commit_locked()
+                missing = self.journal.seq - origin_seqs.get(self.node_id, 0)
+                if missing > 0:
+                    # Changed here while the snapshot travelled: installing it now would
+                    # throw those changes away.
+                    raise SnapshotStale(f"the snapshot lacks {missing} of this node's own "
+                                        "changes")
                 next_fid = await trio.to_thread.run_sync(install)
             finally:
                 self.installing = False
@@ -949,11 +960,9 @@ class MetaStore:
             }
             self.applied = dict(self.committed_applied)
             own = origin_seqs.get(self.node_id, 0)
-            lost = max(0, self.journal.seq - own)
             self.skip_to(own)
             self.committed.set()  # the installed applied seqs are committed: ack them
             self.committed = trio.Event()
-            return lost
 
     def acknowledged_by_all(self, seq: int) -> None:
         """Every peer has `seq`: the log up to it can go at the next commit."""

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import trio
 
-from mailfs.cachemgr.metastore import SeqGap
+from mailfs.cachemgr.metastore import SeqGap, SnapshotStale
 from mailfs.cachemgr.records import CorruptRecord, Op, decode_one
 from mailfs.cachemgr.snapshot import install_snapshot, remove_quietly, snapshot_path
 from mailfs.fs.invalidation import names_changed
@@ -265,11 +265,13 @@ class Receiver:
         incoming.snapshot_file = None
         names_before = self.store.all_names()
         try:
-            lost = await self.store.replace_state(
+            await self.store.replace_state(
                 partial(install_snapshot, self.store, path, begin.origin_seqs),
                 begin.origin_seqs)
         except CorruptRecord as exc:
             raise Refused(f"snapshot from {incoming.origin!r} is damaged: {exc}") from exc
+        except SnapshotStale as exc:
+            raise Refused(f"snapshot from {incoming.origin!r} refused: {exc}") from exc
         finally:
             remove_quietly(path)
             incoming.snapshot_path = None
@@ -277,8 +279,5 @@ class Receiver:
         self.replicator.peers[incoming.origin].incoming_snapshot = None
         log.info("installed a snapshot from %s (%.1f MB); applied seqs now %s",
                  incoming.origin, begin.total_bytes / 1e6, begin.origin_seqs)
-        if lost:
-            log.error("the snapshot from %s lacks %d of this node's own recent changes; "
-                      "they are no longer in this node's files", incoming.origin, lost)
         # The sender forgot what we acknowledged before: acknowledge the snapshot.
         incoming.acked = -1

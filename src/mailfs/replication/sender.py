@@ -2,8 +2,8 @@
 
 The peer says at the handshake what it has applied of our changes; streaming resumes
 right after that, from the replication log (LMDB) or the uncommitted tail (RAM). A peer
-that needs changes the log no longer has, or a new peer with no state at all, gets a
-snapshot first.
+that needs changes the log no longer has (it was away too long, or it is new and the log
+no longer starts at the first change) gets a snapshot first.
 """
 
 from __future__ import annotations
@@ -117,8 +117,6 @@ class PeerSender:
         self.replicator.note_ack(self.state, position)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_answers, link)
-            if not link.session.peer_applied and self._has_state():
-                position = await self._send_snapshot(link, "a new peer with no state")
             while True:
                 try:
                     entries = self.store.records_after(position, BATCH_BYTES)
@@ -135,9 +133,6 @@ class PeerSender:
                     await self.replicator.new_change.wait()
                 if idle.cancelled_caught:
                     await link.send(Ping(next(self._nonces)))
-
-    def _has_state(self) -> bool:
-        return self.store.journal.seq > 0 or bool(self.store.applied)
 
     async def _read_answers(self, link: Link) -> None:
         me = self.replicator.node_id
