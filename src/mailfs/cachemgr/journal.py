@@ -59,6 +59,9 @@ class Journal:
             data = self.path(generation).read_bytes()
             try:
                 for record in decode_stream(data):
+                    if record.op is Op.REMOTE:
+                        yield record  # the store skips what LMDB already has
+                        continue
                     if record.seq <= committed_seq:
                         continue
                     if record.seq != expected:
@@ -91,6 +94,15 @@ class Journal:
         """Write one record; returns it and its encoding (which replication sends as is)."""
         record = Record(self.seq + 1, op, fields)
         data = encode(record)
+        self._write(data)
+        self.seq = record.seq
+        return record, data
+
+    def append_remote(self, fields: tuple[Field, ...]) -> None:
+        """Write a peer's change: it keeps its place in the history, but takes no seq."""
+        self._write(encode(Record(0, Op.REMOTE, fields)))
+
+    def _write(self, data: bytes) -> None:
         try:
             written = os.write(self.fd, data)
         except OSError:
@@ -101,8 +113,6 @@ class Journal:
             raise OSError(errno.ENOSPC, "journal write was short (disk full?)")
         self.offset += written
         self.bytes_since_rotate += written
-        self.seq = record.seq
-        return record, data
 
     def _cut_back(self) -> None:
         # A half-written record would stop replay there, so remove it now.

@@ -48,9 +48,10 @@ from mailfs.cachemgr.records import (
     Field,
     Op,
     Record,
+    decode_one,
     encode,
 )
-from mailfs.replication.identity import fid_namespace, make_fid, make_version
+from mailfs.replication.identity import fid_namespace, make_fid, make_version, node_namespace
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,10 @@ class MetaStore:
         """Replay the journal over LMDB, drop orphans, commit. Returns records replayed."""
         replayed = 0
         for record in self.journal.replay(self.committed_seq):
-            self._apply_own(record, encode(record))
+            if record.op is Op.REMOTE:
+                self._replay_remote(record)
+            else:
+                self._apply_own(record, encode(record))
             replayed += 1
         self.stats.replayed_records = replayed
         for fid in self._orphans():
@@ -433,13 +437,16 @@ class MetaStore:
     # ---------------------------------------------------------------- peers' changes
 
     def apply_remote(self, origin: str, origin_namespace: int, seq: int, base_version: int,
-                     record: Record) -> str | None:
-        """Apply one change of a peer, exactly once and in order.
+                     record: Record, data: bytes | None = None) -> str | None:
+        """Apply one change of a peer (`data`: its encoding), exactly once and in order.
 
         Returns None when applied (or already applied before), or a description of the
         conflict when this copy of the file moved on since the change was made: such a
         change is counted and skipped, never applied over local content. Either way the
         origin's applied seq advances, in the same LMDB commit as the change itself.
+
+        The change is journaled here first, like a local one: a local change made on top
+        of it before the next commit must find it again when the journal is replayed.
         """
         last = self.applied.get(origin, 0)
         if seq <= last:
@@ -448,6 +455,21 @@ class MetaStore:
             raise SeqGap(f"change {seq} of {origin!r} does not follow {last}")
         if self.installing:
             raise SeqGap("a snapshot is being installed")
+        self.journal.append_remote((origin.encode(), seq, base_version,
+                                    encode(record) if data is None else data))
+        return self._apply_remote(origin, origin_namespace, seq, base_version, record)
+
+    def _replay_remote(self, wrapper: Record) -> None:
+        origin_raw, seq, base_version, data = wrapper.fields
+        assert isinstance(origin_raw, bytes) and isinstance(data, bytes)
+        assert isinstance(seq, int) and isinstance(base_version, int)
+        origin = origin_raw.decode()
+        if seq <= self.applied.get(origin, 0):
+            return  # LMDB has it
+        self._apply_remote(origin, node_namespace(origin), seq, base_version, decode_one(data))
+
+    def _apply_remote(self, origin: str, origin_namespace: int, seq: int, base_version: int,
+                      record: Record) -> str | None:
         conflict = self._conflict(record, base_version)
         if conflict is None:
             fid = record.fields[0] if record.op is Op.DROP else 0

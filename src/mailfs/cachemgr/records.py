@@ -41,6 +41,9 @@ class Op(enum.IntEnum):
     # Snapshot entries only (never journaled): a whole file with its version, and a name.
     SNAP_FILE = 13
     SNAP_NAME = 14
+    # Journal only: a peer's change, journaled here so that replay keeps its place among
+    # this node's own changes (it does not take a seq of this node).
+    REMOTE = 15
 
 
 @dataclass(slots=True)
@@ -87,7 +90,61 @@ LAYOUT: dict[Op, str] = {
     Op.REMOVE_DIR: "b",     # dirpath
     Op.SNAP_FILE: "qqab",   # fid, version, attrs, content
     Op.SNAP_NAME: "bbq",    # dirpath, name, fid (0: the directory's import marker)
+    Op.REMOTE: "bqqb",      # origin node id, its seq, base version, the encoded record
 }
+
+# Which fields of each op are directory paths ("d") and file names ("n").
+PATH_FIELDS: dict[Op, tuple[tuple[int, str], ...]] = {
+    Op.CREATE: ((1, "d"), (2, "n")),
+    Op.PUT: ((1, "d"), (2, "n")),
+    Op.LINK: ((1, "d"), (2, "n")),
+    Op.UNLINK: ((0, "d"), (1, "n")),
+    Op.RENAME: ((0, "d"), (1, "n"), (2, "d"), (3, "n")),
+    Op.RENAME_DIR: ((0, "D"), (1, "D")),
+    Op.MARK_IMPORTED: ((0, "d"),),
+    Op.REMOVE_DIR: ((0, "d"),),
+    Op.SNAP_NAME: ((0, "d"),),
+}
+MAX_NAME = 255
+
+
+def name_problem(name: bytes) -> str | None:
+    if not name:
+        return "an empty name"
+    if b"/" in name or b"\0" in name:
+        return f"name {name!r} contains '/' or NUL"
+    if name in (b".", b".."):
+        return f"name {name!r}"
+    if len(name) > MAX_NAME:
+        return f"a name of {len(name)} bytes"
+    return None
+
+
+def path_problem(record: Record) -> str | None:
+    """Why a record's names could not come from a kernel (a lying or broken peer), or None.
+
+    Names are applied to this node's tree and written to disk by `mailfs export`, so one
+    with '..' or '/' would reach outside the mount.
+    """
+    for index, kind in PATH_FIELDS.get(record.op, ()):
+        value = record.fields[index]
+        assert isinstance(value, bytes)
+        if kind == "n":
+            problem = name_problem(value)
+        elif not value:
+            problem = None if kind == "d" else "an empty directory path"
+        else:
+            problem = next(filter(None, map(name_problem, value.split(b"/"))), None)
+        if problem is not None:
+            return f"{record.op.name} with {problem}"
+    if record.op is Op.SNAP_NAME:
+        name, fid = record.fields[1], record.fields[2]
+        assert isinstance(name, bytes)
+        if name or fid:  # the empty name with fid 0 is a directory's import marker
+            problem = name_problem(name)
+            if problem is not None:
+                return f"SNAP_NAME with {problem}"
+    return None
 
 Field = int | bytes | Attrs
 

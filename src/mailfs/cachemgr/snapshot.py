@@ -41,6 +41,7 @@ from mailfs.cachemgr.records import (
     Record,
     decode_body,
     encode,
+    path_problem,
 )
 from mailfs.replication.identity import fid_namespace
 
@@ -142,8 +143,9 @@ def _install_record(store: MetaStore, txn: lmdb.Transaction, record: Record,
     elif record.op is Op.SNAP_NAME:
         dirpath, name, fid = f
         assert isinstance(dirpath, bytes) and isinstance(name, bytes) and isinstance(fid, int)
-        if SEP in dirpath or SEP in name:
-            raise CorruptRecord("snapshot name contains a NUL byte")
+        problem = path_problem(record)
+        if problem is not None:
+            raise CorruptRecord(f"impossible name in the snapshot: {problem}")
         txn.put(dirpath + SEP + name, FID.pack(fid) if fid else b"", db=store.db_names)
     else:
         raise CorruptRecord(f"{record.op.name} record inside a snapshot")

@@ -30,7 +30,7 @@ import trio
 
 from mailfs.cachemgr.backing import Backing
 from mailfs.cachemgr.metastore import MetaStore, StoredFile
-from mailfs.cachemgr.records import Attrs
+from mailfs.cachemgr.records import Attrs, Op, Record, path_problem
 from mailfs.fs.classifier import Classifier, FileClass
 from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.nodes import (
@@ -404,6 +404,9 @@ class MailFS:
         for dirpath, name, fid in list(self.store.all_files()):
             stored = self.store.get(fid)
             relative = dirpath + b"/" + name if dirpath else name
+            if path_problem(Record(0, Op.UNLINK, (dirpath, name, 0))) is not None:
+                log.error("export skips %r: not a valid path inside the mount", relative)
+                continue
             await self.backing.run(self._write_back, self.backing.path(relative),
                                    bytes(stored.content), stored.attrs.copy())
             count += 1

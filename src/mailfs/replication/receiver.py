@@ -24,7 +24,7 @@ from typing import BinaryIO
 import trio
 
 from mailfs.cachemgr.metastore import SeqGap, SnapshotStale
-from mailfs.cachemgr.records import CorruptRecord, Op, decode_one
+from mailfs.cachemgr.records import CorruptRecord, Op, decode_one, path_problem
 from mailfs.cachemgr.snapshot import install_snapshot, remove_quietly, snapshot_path
 from mailfs.fs.invalidation import names_changed
 from mailfs.replication.identity import node_namespace
@@ -51,7 +51,7 @@ from mailfs.replication.tls import certificate_names
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_ONLY_OPS = frozenset({Op.SNAP_FILE, Op.SNAP_NAME})
+NOT_CHANGES = frozenset({Op.SNAP_FILE, Op.SNAP_NAME, Op.REMOTE})
 
 
 @dataclass
@@ -205,9 +205,12 @@ class Receiver:
                 record = decode_one(change.record)
             except CorruptRecord as exc:
                 raise Refused(f"change {change.seq} of {origin!r} is damaged: {exc}") from exc
-            if record.seq != change.seq or record.op in SNAPSHOT_ONLY_OPS:
+            if record.seq != change.seq or record.op in NOT_CHANGES:
                 raise Refused(f"change {change.seq} of {origin!r} carries a "
                               f"{record.op.name} record with seq {record.seq}")
+            problem = path_problem(record)
+            if problem is not None:
+                raise Refused(f"change {change.seq} of {origin!r} is impossible: {problem}")
             records.append((change, record))
         namespace = node_namespace(origin)
         for change, record in records:
@@ -215,9 +218,13 @@ class Receiver:
                                          for d, n in names_changed(record)) if fid]
             try:
                 conflict = self.store.apply_remote(origin, namespace, change.seq,
-                                                   change.base_version, record)
+                                                   change.base_version, record, change.record)
             except SeqGap as exc:
                 raise Refused(str(exc)) from exc
+            except OSError as exc:
+                # The journal could not take it (full disk): nothing of it was applied.
+                raise Refused(f"change {change.seq} of {origin!r} cannot be journaled: "
+                              f"{exc.strerror or exc}") from exc
             except (ValueError, TypeError, AssertionError) as exc:
                 raise Refused(f"change {change.seq} of {origin!r} cannot be applied: "
                               f"{exc}") from exc
