@@ -8,6 +8,8 @@ of mailfs's rounds divided by the median of local's rounds.
 
     python -m bench.run_all                       # maildir and sdbox, 3 rounds of 20 s
     python -m bench.run_all --only local --duration 5 --rounds 1   # check the harness
+    python -m bench.run_all --replication         # then bench/replication.py as well
+    python -m bench.run_all --replication-only    # only the replication benchmark
 """
 
 from __future__ import annotations
@@ -747,6 +749,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where the mail, backing dirs and mount live (same disk for both)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
+    parser.add_argument("--replication", action="store_true",
+                        help="also run the replication benchmark (bench/replication.py) after")
+    parser.add_argument("--replication-only", action="store_true",
+                        help="run only the replication benchmark")
+    parser.add_argument("--replication-arg", action="append", default=[],
+                        help="extra argument for bench.replication (repeat; "
+                             "use --replication-arg=--quick)")
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if args.mdbox and "mdbox" not in formats:
@@ -771,8 +780,20 @@ def work_dir(parent: Path, keep: bool) -> Iterator[tuple[Path, list[bool]]]:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def run_replication(args: argparse.Namespace) -> int:
+    """bench/replication.py with this run's work dir, results dir and --keep."""
+    from bench import replication  # imports this module: not at the top
+
+    forwarded = ["--workdir", str(args.workdir), "--results", str(args.results),
+                 "--seed", str(args.seed), *(["--keep"] if args.keep else []),
+                 *args.replication_arg]
+    return replication.main(forwarded)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replication_only:
+        return run_replication(args)
     formats: list[str] = args.format_list
     # The daemon runs as `python -m mailfs`; let it import from this checkout.
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -801,7 +822,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(report)
         print(f"wrote {args.results / 'imap_load.txt'}, imap_load.png, imap_load.json")
-    return 1 if run.problems else 0
+    code = 1 if run.problems else 0
+    if args.replication:
+        code = max(code, run_replication(args))
+    return code
 
 
 if __name__ == "__main__":
