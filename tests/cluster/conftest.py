@@ -25,7 +25,8 @@ def make_cluster() -> Iterator[MakeCluster]:
         cluster = Cluster(size, options)
         made.append(cluster)
         if start:
-            cluster.start()
+            # From a steady state: nobody writes before every stream is up.
+            cluster.start().wait_connected()
         return cluster
 
     try:

@@ -151,6 +151,22 @@ class Cluster:
             node.start()
         return self
 
+    def wait_connected(self, timeout: float = CONVERGE_TIMEOUT) -> None:
+        """Wait until every running node streams to, and is streamed to by, every other."""
+        running = [n for n in self.nodes if n.running]
+
+        def connected() -> bool:
+            for node in running:
+                peers = node.replication()["peers"]
+                for other in running:
+                    state = peers.get(other.node_id)
+                    if other is not node and not (
+                            state and state["connected"] and state["incoming_connected"]):
+                        return False
+            return True
+
+        wait_for(connected, timeout, "every running node to connect to every other")
+
     def close(self) -> None:
         for node in self.nodes:
             try:

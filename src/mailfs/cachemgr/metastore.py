@@ -230,8 +230,9 @@ class MetaStore:
 
     def recover(self) -> int:
         """Replay the journal over LMDB, drop orphans, commit. Returns records replayed."""
-        replayed = 0
-        for record in self.journal.replay(self.committed_seq):
+        start = self._reapply_logged(self.committed_seq)
+        replayed = start - self.committed_seq
+        for record in self.journal.replay(start):
             if record.op is Op.REMOTE:
                 self._replay_remote(record)
             else:
@@ -240,7 +241,7 @@ class MetaStore:
         self.stats.replayed_records = replayed
         for fid in self._orphans():
             self._apply_drop(fid)
-        self.journal.start(max(self.journal.seq, self.committed_seq))
+        self.journal.start(max(self.journal.seq, start))
         self._set(b"meta", b"epoch", U64.pack(self.epoch))
         self.commit_now()
         # LMDB now holds everything replay could trust. Older journal files go, including
@@ -249,6 +250,39 @@ class MetaStore:
         if replayed:
             log.info("recovered %d journal records after an unclean stop", replayed)
         return replayed
+
+    def _reapply_logged(self, after: int) -> int:
+        """Apply own changes from the replication log beyond `after`; returns the last seq.
+
+        Only a snapshot install leaves any (see replace_state): every other commit writes
+        a change to the log and the seq that covers it in one transaction.
+        """
+        last = after
+        if not self.replicating:
+            return last
+        with self.env.begin(db=self.db_replog) as txn:
+            cursor = txn.cursor()
+            entries = [(int(FID.unpack(key)[0]), bytes(value[REPLOG_ENTRY.size:]))
+                       for key, value in cursor.iternext()] if cursor.set_range(
+                           FID.pack(after + 1)) else []
+        for seq, data in entries:
+            if seq != last + 1:
+                log.error("own change %d is missing from the replication log; %d later "
+                          "ones are not re-applied", last + 1, len(entries))
+                break
+            record = decode_one(data)
+            try:
+                self._apply(record)
+            except FileNotFoundError as exc:
+                # The snapshot's copy differs from the one this change was made on.
+                self.stats.conflicts += 1
+                self.stats.last_conflict = f"own change {seq} not re-applied: {exc}"
+                log.error("CONFLICT: own change %d not re-applied after a snapshot: %s",
+                          seq, exc)
+            else:
+                self._set_version(record, make_version(self.namespace, seq))
+            last = seq
+        return last
 
     def close(self) -> None:
         self.journal.close()
@@ -954,37 +988,55 @@ class MetaStore:
         """Swap in a peer's snapshot: `install` (run in a thread) writes it into LMDB and
         returns the next free file id.
 
-        Local changes are refused (EAGAIN) from before the last commit until the swap is
-        done, so none is made against the old state and then lost; a snapshot that lacks
-        any of this node's own changes raises SnapshotStale and changes nothing.
+        Own changes the snapshot lacks (made here while it travelled) are re-applied on top
+        from the replication log, which keeps them until every peer has them; the install
+        transaction records the snapshot's own seq, so a crash before the re-applied
+        changes are committed re-applies them at the next mount. Local changes are refused
+        (EAGAIN) until that commit. If the log no longer has them: SnapshotStale, and
+        nothing changes.
         """
         async with self._commit_lock:
             self.installing = True
             try:
                 await self._commit_locked()
-                missing = self.journal.seq - origin_seqs.get(self.node_id, 0)
-                if missing > 0:
-                    # Changed here while the snapshot travelled: installing it now would
-                    # throw those changes away.
-                    raise SnapshotStale(f"the snapshot lacks {missing} of this node's own "
-                                        "changes")
+                known = origin_seqs.get(self.node_id, 0)
+                if not self.can_reapply_after(known):
+                    raise SnapshotStale(f"the snapshot has this node's changes only up to "
+                                        f"{known}, and the log no longer reaches back there")
                 next_fid = await trio.to_thread.run_sync(install)
+                self.files.clear()
+                self.ram_bytes = 0
+                self.dirty_fids.clear()
+                self.drops.clear()
+                self.pending.clear()
+                self.next_fid = next_fid
+                self.committed_applied = {
+                    origin: seq for origin, seq in origin_seqs.items()
+                    if origin != self.node_id
+                }
+                self.applied = dict(self.committed_applied)
+                own = self.journal.seq
+                self.committed_seq = known
+                reapplied = self._reapply_logged(known)
+                self.skip_to(max(known, own))
+                if reapplied > known:
+                    log.info("re-applied %d own changes the snapshot did not have yet",
+                             reapplied - known)
+                await self._commit_locked()
             finally:
                 self.installing = False
-            self.files.clear()
-            self.ram_bytes = 0
-            self.dirty_fids.clear()
-            self.drops.clear()
-            self.pending.clear()
-            self.next_fid = next_fid
-            self.committed_applied = {
-                origin: seq for origin, seq in origin_seqs.items() if origin != self.node_id
-            }
-            self.applied = dict(self.committed_applied)
-            own = origin_seqs.get(self.node_id, 0)
-            self.skip_to(own)
             self.committed.set()  # the installed applied seqs are committed: ack them
             self.committed = trio.Event()
+
+    def can_reapply_after(self, seq: int) -> bool:
+        """Whether every own change after `seq` is still in the replication log."""
+        if self.journal.seq <= seq:
+            return True
+        try:
+            self.records_after(seq, 1)
+        except NeedSnapshot:
+            return False
+        return True
 
     def acknowledged_by_all(self, seq: int) -> None:
         """Every peer has `seq`: the log up to it can go at the next commit."""

@@ -119,6 +119,8 @@ def install_snapshot(store: MetaStore, path: Path, origin_seqs: dict[str, int]) 
                 if origin != store.node_id:
                     txn.put(APPLIED_PREFIX + origin.encode(), U64.pack(seq), db=store.db_meta)
             txn.put(b"next_fid", U64.pack(next_fid), db=store.db_meta)
+            # Own changes after this seq are re-applied from the replication log.
+            txn.put(b"seq", U64.pack(origin_seqs.get(store.node_id, 0)), db=store.db_meta)
     except lmdb.Error as exc:
         raise OSError(lmdb_errno(exc), f"installing the snapshot failed: {exc}") from exc
     return next_fid

@@ -51,6 +51,7 @@ from mailfs.replication.tls import certificate_names
 
 log = logging.getLogger(__name__)
 
+ACK_HOLD_POLL = 0.05
 NOT_CHANGES = frozenset({Op.SNAP_FILE, Op.SNAP_NAME, Op.REMOTE})
 
 
@@ -238,7 +239,11 @@ class Receiver:
         self.store.request_commit()
 
     async def _acknowledge(self, incoming: Incoming) -> None:
+        state = self.replicator.peers[incoming.origin]
         while True:
+            if state.holding_acks:
+                await trio.sleep(ACK_HOLD_POLL)
+                continue
             committed = self.store.committed
             done = self.store.committed_applied.get(incoming.origin, 0)
             if done > incoming.acked:
@@ -248,13 +253,12 @@ class Receiver:
             await committed.wait()
 
     async def _snapshot_begin(self, incoming: Incoming, begin: SnapshotBegin) -> None:
-        me = self.replicator.node_id
-        missing = self.store.journal.seq - begin.origin_seqs.get(me, 0)
-        if missing > 0:
-            # Installing it would throw away changes made here that the sender has not
-            # received yet. Our own stream delivers them; the sender retries after that.
-            raise Refused(f"the snapshot from {incoming.origin!r} lacks {missing} of this "
-                          f"node's own changes; it may be sent once they reached it")
+        known = begin.origin_seqs.get(self.replicator.node_id, 0)
+        if not self.store.can_reapply_after(known):
+            # Installing it would throw away changes made here that neither the sender nor
+            # our own log has any more.
+            raise Refused(f"the snapshot from {incoming.origin!r} has this node's changes "
+                          f"only up to {known}, and this node's log no longer reaches back")
         if incoming.snapshot_file is not None:
             incoming.snapshot_file.close()
         path = snapshot_path(self.store, "in", begin.snapshot_id)

@@ -42,6 +42,9 @@ class PeerState:
     snapshots_sent: int = 0
     incoming: bool = False      # the peer's own stream to us is up
     incoming_snapshot: SnapshotProgress | None = None
+    # While we send the peer a snapshot, we hold back acks of its own changes: an ack
+    # lets it trim its log, and it re-applies from there whatever the snapshot lacks.
+    holding_acks: bool = False
 
     def note_failure(self, reason: str) -> None:
         # Log a peer's trouble when it starts or changes, not on every reconnect attempt.

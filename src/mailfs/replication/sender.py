@@ -153,11 +153,12 @@ class PeerSender:
     async def _send_snapshot(self, link: Link, why: str) -> int:
         """Stream a snapshot of the committed state; returns our seq it includes."""
         peer = self.state.peer.node_id
-        await self.store.commit()
+        self.state.holding_acks = True
         ident = secrets.randbits(63)
         path = snapshot_path(self.store, "out", ident)
         started = time.monotonic()
         try:
+            await self.store.commit()
             def write() -> dict[str, int]:
                 with open(path, "wb") as out:
                     return write_snapshot(self.store, out)
@@ -181,6 +182,7 @@ class PeerSender:
                         log.info("snapshot to %s: %s", peer, self.state.snapshot)
             await link.send(SnapshotEnd(ident, link.session.outgoing_snapshot_checksum()))
         finally:
+            self.state.holding_acks = False
             remove_quietly(path)
         seconds = max(time.monotonic() - started, 1e-6)
         log.info("snapshot to %s sent: %.1f MB in %.2fs (%.1f MB/s)", peer, total / 1e6,
