@@ -196,12 +196,13 @@ def print_status(status: dict[str, Any]) -> None:
     peers = replication.get("peers", {})
     console.print(key_value_table(f"replication: node {replication['node_id']}",
                                   {k: v for k, v in replication.items() if k != "peers"}))
-    columns = ["connected", "acked_seq", "lag_changes", "lag_seconds", "unacked_log_bytes",
-               "snapshot", "incoming_connected", "last_error"]
-    table = Table(title="peers")
+    columns = {"connected": "out", "incoming_connected": "in", "acked_seq": "acked",
+               "lag_changes": "lag", "lag_seconds": "lag s", "unacked_log_bytes": "unacked",
+               "snapshot": "snapshot", "last_error": "last error"}
+    table = Table(title="peers (out: our stream to it, in: its stream to us)")
     table.add_column("peer", style="bold")
-    for column in columns:
-        table.add_column(column.replace("_", " "))
+    for header in columns.values():
+        table.add_column(header, overflow="fold")
     for node_id, peer in peers.items():
         table.add_row(node_id, *(shown_value(column, peer.get(column)) for column in columns))
     console.print(table)
