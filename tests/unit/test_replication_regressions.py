@@ -6,7 +6,7 @@ import stat
 from pathlib import Path
 
 from mailfs.cachemgr.metastore import MetaStore
-from mailfs.cachemgr.records import Op, Record
+from mailfs.cachemgr.records import Op, Record, decode_one
 from mailfs.replication.identity import node_namespace
 
 MODE = stat.S_IFREG | 0o600
@@ -38,3 +38,37 @@ def test_a_peers_drop_of_a_file_dropped_here_is_not_a_conflict(tmp_path: Path) -
         assert store.cached(fid) is None
     finally:
         store.close()
+
+
+def test_a_drop_that_overtakes_the_rename_it_follows_is_not_a_conflict(
+        tmp_path: Path) -> None:
+    """c dropped a's old index after a's rename-over reached c; b got c's DROP before a's
+    RENAME (two origins, two connections), saw the file still named, and counted a
+    conflict. The file must go once the rename takes its last name."""
+    a = open_node(tmp_path / "a", "a")
+    b = open_node(tmp_path / "b", "b")
+    try:
+        old = a.create(b"u", b"dovecot.index", MODE, 0, 0)
+        new = a.create(b"u", b"dovecot.index.tmp", MODE, 0, 0)
+        a.rename(b"u", b"dovecot.index.tmp", b"u", b"dovecot.index")
+        entries = a.records_after(0, 1 << 30)
+        records = [(entry, decode_one(entry.record)) for entry in entries]
+        *creates, rename = records
+        for entry, record in creates:
+            assert b.apply_remote("a", node_namespace("a"), entry.seq, entry.base_version,
+                                  record) is None
+        c_drop = Record(1, Op.DROP, (old.fid,))
+        assert b.apply_remote("c", node_namespace("c"), 1, 0, c_drop) is None
+        assert b.get(old.fid).attrs.nlink == 1  # still named here: kept for now
+        entry, record = rename
+        assert b.apply_remote("a", node_namespace("a"), entry.seq, entry.base_version,
+                              record) is None
+        assert b.stats.conflicts == 0
+        assert b.lookup(b"u", b"dovecot.index") == new.fid
+        b.commit_now()
+        assert b.cached(old.fid) is None
+        assert old.fid not in {fid for _, _, fid in b.all_files()}
+        assert b._orphans() == []
+    finally:
+        a.close()
+        b.close()

@@ -199,6 +199,7 @@ class MetaStore:
         self.committing_fids: set[int] = set()
         self.drops: set[int] = set()  # files whose record and chunks go at the next commit
         self.committing_drops: set[int] = set()
+        self.newly_orphaned: list[int] = []  # files that lost their last name (peers' changes)
         self.stats = StoreStats()
         self.journal = Journal(state_dir)
         self._commit_lock = trio.Lock()
@@ -446,6 +447,7 @@ class MetaStore:
         self.on_local_change(record.seq)
 
     def _apply_own(self, record: Record, data: bytes) -> None:
+        self.newly_orphaned.clear()  # only peers' changes use it
         base = self._version_of(record)
         self._apply(record)
         self._set_version(record, make_version(self.namespace, record.seq))
@@ -505,12 +507,14 @@ class MetaStore:
     def _apply_remote(self, origin: str, origin_namespace: int, seq: int, base_version: int,
                       record: Record) -> str | None:
         conflict = self._conflict(record, base_version)
-        if conflict is None:
-            fid = record.fields[0] if record.op is Op.DROP else 0
-            if not (isinstance(fid, int) and fid and self.in_use(fid)):
-                # A file still open here is dropped by the local release instead.
-                self._apply(record)
-                self._set_version(record, make_version(origin_namespace, seq))
+        if conflict is None and record.op is Op.DROP:
+            self._drop_if_unused(record.fields[0])  # type: ignore[arg-type]
+        elif conflict is None:
+            self.newly_orphaned = []
+            self._apply(record)
+            self._set_version(record, make_version(origin_namespace, seq))
+            for fid in self.newly_orphaned:
+                self._drop_if_unused(fid)
         else:
             self.stats.conflicts += 1
             self.stats.last_conflict = f"{origin} seq {seq}: {conflict}"
@@ -519,16 +523,24 @@ class MetaStore:
         self.stats.remote_applied += 1
         return conflict
 
+    def _drop_if_unused(self, fid: int) -> None:
+        """Forget a file that has no names here and that nothing here has open.
+
+        A peer drops a file once its own names and opens are gone; here the file may still
+        have names (the change that removes them comes from another origin, on another
+        connection, and has not arrived yet) or be open (the local release drops it then).
+        So a peer's DROP only drops what is unused here, and a peer's change that takes a
+        file's last name drops it here too if nothing here uses it.
+        """
+        try:
+            stored = self.get(fid)
+        except FileNotFoundError:
+            return
+        if stored.attrs.nlink == 0 and not self.in_use(fid):
+            self._apply_drop(fid)
+
     def _conflict(self, record: Record, base_version: int) -> str | None:
         f = record.fields
-        if record.op is Op.DROP:
-            try:
-                stored = self.get(f[0])  # type: ignore[arg-type]
-            except FileNotFoundError:
-                return None
-            if stored.attrs.nlink:
-                return f"DROP of file {stored.fid:#x}, which still has names here"
-            return None
         if record.op not in VERSIONED_OPS and record.op not in CREATING_OPS:
             return None
         fid = f[0]
@@ -683,6 +695,7 @@ class MetaStore:
         self._touch(stored)
         if stored.attrs.nlink == 0:
             self._set(b"orphans", FID.pack(fid), b"")
+            self.newly_orphaned.append(fid)
 
     def _apply_write(self, fid: int, offset: int, mtime_ns: int, data: bytes) -> None:
         stored = self.get(fid)
