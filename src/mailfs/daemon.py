@@ -262,6 +262,7 @@ def run(config: Config, ready_fd: int | None = None) -> int:
             # Also after SIGTERM, when the kernel has not unmounted us: leave no dead mount.
             pyfuse3.close(unmount=True)
             try:
+                daemon.store.mark_stopped()
                 daemon.store.commit_now()
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:

@@ -64,6 +64,12 @@ U64 = struct.Struct("<Q")
 SEP = b"\0"
 IMPORTED = b""
 APPLIED_PREFIX = b"applied:"
+# Index files are megabytes; a write or truncate beyond this is refused (EFBIG locally, a
+# refused connection for a peer), so nobody can make the daemon allocate without bound.
+MAX_FILE_SIZE = 1 << 30
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+# Larger than any journal tail a machine crash can take with it.
+SEQ_JUMP_AFTER_CRASH = 1 << 24
 REPLOG_ENTRY = struct.Struct("<Q")  # base version, before the encoded record
 # Ops whose first field is the file they change: these carry and produce versions.
 VERSIONED_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK})
@@ -74,6 +80,30 @@ Overlay = dict[tuple[bytes, bytes], bytes | None]
 
 def name_key(dirpath: bytes, name: bytes) -> bytes:
     return dirpath + SEP + name
+
+
+def boot_id() -> bytes:
+    try:
+        with open(BOOT_ID_PATH, "rb") as source:
+            return source.read().strip()
+    except OSError:
+        return b""
+
+
+def size_problem(record: Record) -> str | None:
+    """Why a peer's change would grow a file beyond MAX_FILE_SIZE, or None."""
+    f = record.fields
+    if record.op is Op.WRITE:
+        end = f[1] + len(f[3])  # type: ignore[operator,arg-type]
+    elif record.op is Op.TRUNCATE:
+        end = f[1]  # type: ignore[assignment]
+    elif record.op is Op.PUT:
+        end = len(f[4])  # type: ignore[arg-type]
+    else:
+        return None
+    if end > MAX_FILE_SIZE:
+        return f"{record.op.name} to {end} bytes exceeds the {MAX_FILE_SIZE}-byte limit"
+    return None
 
 
 def pack_file(attrs: Attrs, version: int) -> bytes:
@@ -231,6 +261,9 @@ class MetaStore:
 
     def recover(self) -> int:
         """Replay the journal over LMDB, drop orphans, commit. Returns records replayed."""
+        for leftover in self.state_dir.glob("snapshot-*.tmp"):
+            leftover.unlink(missing_ok=True)  # a transfer cut off by a crash
+        machine_crashed = self._machine_crashed()
         start = self._reapply_logged(self.committed_seq)
         replayed = start - self.committed_seq
         for record in self.journal.replay(start):
@@ -242,8 +275,19 @@ class MetaStore:
         self.stats.replayed_records = replayed
         for fid in self._orphans():
             self._apply_drop(fid)
-        self.journal.start(max(self.journal.seq, start))
+        own_seq = max(self.journal.seq, start)
+        if machine_crashed and self.replicating:
+            # The journal is not fsync'd: its tail may be gone, while peers may have
+            # received it. New changes must never reuse those seqs; every peer that is
+            # past the gap's start then gets a snapshot.
+            log.warning("this machine crashed while mailfs was mounted: own change seqs "
+                        "continue after %d instead of %d, and peers get a snapshot",
+                        own_seq + SEQ_JUMP_AFTER_CRASH, own_seq)
+            own_seq += SEQ_JUMP_AFTER_CRASH
+        self.journal.start(own_seq)
         self._set(b"meta", b"epoch", U64.pack(self.epoch))
+        self._set(b"meta", b"running", U64.pack(1))
+        self._set(b"meta", b"boot_id", boot_id())
         self.commit_now()
         # LMDB now holds everything replay could trust. Older journal files go, including
         # one that replay stopped in: left there, it would stop every later replay early.
@@ -251,6 +295,20 @@ class MetaStore:
         if replayed:
             log.info("recovered %d journal records after an unclean stop", replayed)
         return replayed
+
+    def _machine_crashed(self) -> bool:
+        """Whether the last mount ended with this machine going down (another boot id
+        while the mount was still marked running), not just with the daemon dying."""
+        with self.env.begin(db=self.db_meta) as txn:
+            running = txn.get(b"running")
+            booted = txn.get(b"boot_id")
+        if running is None or booted is None or not U64.unpack(running)[0]:
+            return False
+        return bytes(booted) != boot_id()
+
+    def mark_stopped(self) -> None:
+        """Record a clean stop (goes into the final commit)."""
+        self._set(b"meta", b"running", U64.pack(0))
 
     def _reapply_logged(self, after: int) -> int:
         """Apply own changes from the replication log beyond `after`; returns the last seq.
@@ -491,6 +549,9 @@ class MetaStore:
             raise SeqGap(f"change {seq} of {origin!r} does not follow {last}")
         if self.installing:
             raise SeqGap("a snapshot is being installed")
+        problem = size_problem(record)
+        if problem is not None:
+            raise ValueError(problem)
         self.journal.append_remote((origin.encode(), seq, base_version,
                                     encode(record) if data is None else data))
         return self._apply_remote(origin, origin_namespace, seq, base_version, record)
@@ -502,7 +563,15 @@ class MetaStore:
         origin = origin_raw.decode()
         if seq <= self.applied.get(origin, 0):
             return  # LMDB has it
-        self._apply_remote(origin, node_namespace(origin), seq, base_version, decode_one(data))
+        try:
+            self._apply_remote(origin, node_namespace(origin), seq, base_version,
+                               decode_one(data))
+        except (ValueError, MemoryError, OverflowError) as exc:
+            # Never let one record stop every later mount; it was refused live, or should
+            # have been.
+            self.stats.conflicts += 1
+            self.stats.last_conflict = f"{origin} seq {seq} not replayed: {exc!r}"
+            log.error("CONFLICT: change %d of %s not replayed: %r", seq, origin, exc)
 
     def _apply_remote(self, origin: str, origin_namespace: int, seq: int, base_version: int,
                       record: Record) -> str | None:
@@ -589,9 +658,13 @@ class MetaStore:
         return self.files[fid]
 
     def write(self, stored: StoredFile, offset: int, data: bytes) -> None:
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, "index files are limited to 1 GiB")
         self._log(Op.WRITE, stored.fid, offset, time.time_ns(), data)
 
     def truncate(self, stored: StoredFile, size: int) -> None:
+        if size > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, "index files are limited to 1 GiB")
         self._log(Op.TRUNCATE, stored.fid, size, time.time_ns())
 
     def set_attrs(self, stored: StoredFile, attrs: Attrs) -> None:
@@ -814,8 +887,11 @@ class MetaStore:
             return
         started = time.monotonic()
         try:
-            await trio.to_thread.run_sync(self._write_txn, batch)
-        except OSError:
+            # A prepared batch must end written or put back: cancelled half way, its changes
+            # would be in neither LMDB nor (after the next commit) the journal.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._write_txn, batch)
+        except BaseException:
             self._batch_failed(batch)
             raise
         self._batch_done(batch)

@@ -13,6 +13,7 @@ origin is in the same LMDB transaction, so a crash can never apply a change twic
 from __future__ import annotations
 
 import logging
+import shutil
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from typing import BinaryIO
 
 import trio
 
-from mailfs.cachemgr.metastore import SeqGap, SnapshotStale
+from mailfs.cachemgr.metastore import SeqGap, SnapshotStale, size_problem
 from mailfs.cachemgr.records import CorruptRecord, Op, decode_one, path_problem
 from mailfs.cachemgr.snapshot import install_snapshot, remove_quietly, snapshot_path
 from mailfs.fs.invalidation import names_changed
@@ -52,6 +53,7 @@ from mailfs.replication.tls import certificate_names
 log = logging.getLogger(__name__)
 
 ACK_HOLD_POLL = 0.05
+SNAPSHOT_DISK_RESERVE = 64 << 20
 NOT_CHANGES = frozenset({Op.SNAP_FILE, Op.SNAP_NAME, Op.REMOTE})
 
 
@@ -209,7 +211,7 @@ class Receiver:
             if record.seq != change.seq or record.op in NOT_CHANGES:
                 raise Refused(f"change {change.seq} of {origin!r} carries a "
                               f"{record.op.name} record with seq {record.seq}")
-            problem = path_problem(record)
+            problem = path_problem(record) or size_problem(record)
             if problem is not None:
                 raise Refused(f"change {change.seq} of {origin!r} is impossible: {problem}")
             records.append((change, record))
@@ -245,7 +247,10 @@ class Receiver:
                 await trio.sleep(ACK_HOLD_POLL)
                 continue
             committed = self.store.committed
-            done = self.store.committed_applied.get(incoming.origin, 0)
+            # Never more than this connection carried: after another node's snapshot the
+            # applied seq can be ahead of it, and the sender would take that as a lie.
+            done = min(self.store.committed_applied.get(incoming.origin, 0),
+                       incoming.link.session.received_through(incoming.origin))
             if done > incoming.acked:
                 await incoming.link.send(Ack(incoming.origin, done))
                 incoming.acked = done
@@ -253,6 +258,10 @@ class Receiver:
             await committed.wait()
 
     async def _snapshot_begin(self, incoming: Incoming, begin: SnapshotBegin) -> None:
+        free = shutil.disk_usage(self.store.state_dir).free
+        if begin.total_bytes > free - SNAPSHOT_DISK_RESERVE:
+            raise Refused(f"the snapshot from {incoming.origin!r} has {begin.total_bytes} "
+                          f"bytes; the state dir has {free} free")
         known = begin.origin_seqs.get(self.replicator.node_id, 0)
         if not self.store.can_reapply_after(known):
             # Installing it would throw away changes made here that neither the sender nor

@@ -45,6 +45,7 @@ class PeerState:
     # While we send the peer a snapshot, we hold back acks of its own changes: an ack
     # lets it trim its log, and it re-applies from there whatever the snapshot lacks.
     holding_acks: bool = False
+    snapshot_seq: int = 0       # our seq in the snapshot it is installing
 
     def note_failure(self, reason: str) -> None:
         # Log a peer's trouble when it starts or changes, not on every reconnect attempt.
@@ -132,6 +133,15 @@ class Replicator:
         made = self.clock.made_at(seq)
         if made is not None:
             self.lag_samples.append(time.monotonic() - made)
+        self._acks_changed()
+
+    def peer_resumed(self, state: PeerState, seq: int) -> None:
+        """At a handshake the peer says what it has; that may be less than it acked before
+        (it installed another node's snapshot since), and then counts for less."""
+        state.acked_seq = seq
+        self._acks_changed()
+
+    def _acks_changed(self) -> None:
         everyone = min(p.acked_seq for p in self.peers.values())
         self.store.acknowledged_by_all(everyone)
         self.clock.drop_through(everyone)

@@ -91,6 +91,7 @@ class PeerSender:
                     await link.receive()
             await self._stream(link)
         finally:
+            self.state.holding_acks = False
             if not link.session.failed:
                 try:
                     with trio.move_on_after(1):
@@ -102,11 +103,12 @@ class PeerSender:
     async def _stream(self, link: Link) -> None:
         me = self.replicator.node_id
         position = link.session.peer_applied.get(me, 0)
-        if position > self.store.journal.seq:
+        diverged = position > self.store.journal.seq
+        if diverged:
             log.error("peer %s has applied %d of this node's changes, but this node only "
                       "has %d: changes made here were lost (machine crash before commit?); "
-                      "new changes continue after %d", self.state.peer.node_id, position,
-                      self.store.journal.seq, position)
+                      "new changes continue after %d and the peer gets a snapshot",
+                      self.state.peer.node_id, position, self.store.journal.seq, position)
             self.store.skip_to(position)
             await self.store.commit()
         self.state.connected = True
@@ -114,9 +116,11 @@ class PeerSender:
         if self.state.last_error:
             log.info("replication to %s connected again", self.state.peer.node_id)
         self.state.last_error = ""
-        self.replicator.note_ack(self.state, position)
+        self.replicator.peer_resumed(self.state, position)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_answers, link)
+            if diverged:
+                position = await self._send_snapshot(link, "it has changes this node lost")
             while True:
                 try:
                     entries = self.store.records_after(position, BATCH_BYTES)
@@ -144,6 +148,8 @@ class PeerSender:
             for message in messages:
                 if isinstance(message, Ack) and message.origin == me:
                     self.replicator.note_ack(self.state, message.seq)
+                    if self.state.holding_acks and message.seq >= self.state.snapshot_seq:
+                        self.state.holding_acks = False  # it installed the snapshot
                 elif isinstance(message, Goodbye):
                     raise ConnectionClosed(f"the peer said goodbye: {message.reason}")
                 elif not isinstance(message, Pong):
@@ -153,7 +159,9 @@ class PeerSender:
     async def _send_snapshot(self, link: Link, why: str) -> int:
         """Stream a snapshot of the committed state; returns our seq it includes."""
         peer = self.state.peer.node_id
+        # Until the peer has installed it: see PeerState.holding_acks.
         self.state.holding_acks = True
+        self.state.snapshot_seq = 1 << 64
         ident = secrets.randbits(63)
         path = snapshot_path(self.store, "out", ident)
         started = time.monotonic()
@@ -181,8 +189,10 @@ class PeerSender:
                         last_log = time.monotonic()
                         log.info("snapshot to %s: %s", peer, self.state.snapshot)
             await link.send(SnapshotEnd(ident, link.session.outgoing_snapshot_checksum()))
-        finally:
+        except BaseException:
             self.state.holding_acks = False
+            raise
+        finally:
             remove_quietly(path)
         seconds = max(time.monotonic() - started, 1e-6)
         log.info("snapshot to %s sent: %.1f MB in %.2fs (%.1f MB/s)", peer, total / 1e6,
@@ -191,4 +201,5 @@ class PeerSender:
         self.state.snapshots_sent += 1
         position = origin_seqs.get(self.replicator.node_id, 0)
         self.state.sent_seq = position
+        self.state.snapshot_seq = position
         return position
