@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trustme
 
-from mailfs.fs.classifier import DEFAULT_REPLICATED, Classifier
+from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE, Classifier
 from tests.rigs.mount import MailfsMount, force_unmount, run_cli
 
 CONVERGE_TIMEOUT = 30.0
@@ -209,7 +209,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = CONVERGE_TIMEOUT,
 
 def replicated_checksums(root: Path) -> dict[str, str]:
     """sha256 of every replicated (index/control) file under root, read through the mount."""
-    classifier = Classifier(DEFAULT_REPLICATED, ())
+    classifier = Classifier(DEFAULT_REPLICATED, DEFAULT_VOLATILE)
     found: dict[str, str] = {}
     for directory, _subdirs, files in os.walk(root):
         for name in files:
