@@ -55,7 +55,7 @@ def _pem_certificates(what: str, path: Path) -> str:
     try:
         text = data.decode("ascii")
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
-    except (UnicodeDecodeError, ssl.SSLError):
+    except (ValueError, ssl.SSLError):  # ValueError: empty, or not ASCII
         raise UserError(f"{what} {path} is not a PEM certificate file") from None
     return text
 
