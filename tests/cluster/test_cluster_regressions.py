@@ -40,7 +40,7 @@ def test_restarted_peer_never_pushes_a_snapshot_over_a_writing_node(
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: written >= 100 or bool(errors), what="the writer to get going")
         b.stop()
         b.start()
         wait_for(lambda: a.replication()["peers"]["b"]["connected"], what="b reconnected")

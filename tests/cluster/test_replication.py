@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.conftest import MakeCluster
-from tests.rigs.cluster import Cluster, Node, wait_for
+from tests.rigs.cluster import Cluster, Node, wait_for, write_synced
 from tests.rigs.mount import is_mounted, run_cli
 
 MAILDIR = "user1/Maildir"
@@ -48,17 +49,6 @@ def first_difference(got: bytes, expected: bytes) -> int | None:
         return min(len(got), len(expected))
     return index
 
-
-def write_synced(path: Path, data: bytes, flags: int = os.O_TRUNC) -> None:
-    """Write a whole file and fsync it, as Dovecot does before a rename."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def pread_all(fd: int, limit: int = 1 << 24) -> bytes:
@@ -476,8 +466,8 @@ def test_peer_cut_off_beyond_log_limit_is_rebuilt_by_snapshot(
     small = b"b writes while c is away\n" * 10
     write_synced(b.path("user-b/Maildir/dovecot-keywords"), small)
     expected["user-b/Maildir/dovecot-keywords"] = small
-    flush(a, timeout=5)
-    flush(b, timeout=5)
+    flush(a)
+    flush(b)
     status = a.replication()
     assert status["peers"]["c"]["lag_changes"] > 0
     assert status["log_bytes"] <= status["log_limit_bytes"], status
@@ -505,7 +495,7 @@ def test_snapshot_to_a_peer_that_keeps_writing_loses_none_of_its_changes(
     for n in range(6):  # a snapshot of some size, so that it takes a moment to stream
         rel = f"user-a/Maildir/dovecot.index.cache{'' if n == 0 else f'.{n}'}"
         expected[rel] = pwrite_chunks(a.path(rel), 64)
-    flush(a, timeout=5)
+    flush(a)
 
     c.start()
     writer = IndexWriter(c, ["user-c/Maildir"], pause=pause)
@@ -532,10 +522,34 @@ def test_sync_fsync_survives_origin_kill_and_degrades_without_peers(
 
     rel = f"{MAILDIR}/dovecot.index"
     content = b"committed on every peer before fsync returned\n" * 1000 + os.urandom(3000)
-    write_synced(a.path(rel), content)
+    # On loopback an async stream is as quick as a sync one: what shows that fsync waits
+    # for the peers is a peer that cannot answer. b is frozen; fsync on a must not return.
+    assert b.mount is not None and b.mount.process is not None
+    b_pid = b.mount.process.pid
+    os.kill(b_pid, signal.SIGSTOP)
+    try:
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                write_synced(a.path(rel), content)
+            except BaseException as exc:
+                errors.append(exc)
+
+        fsync = threading.Thread(target=write, daemon=True)
+        fsync.start()
+        fsync.join(1.0)  # far below sync_timeout: a slower machine only blocks it longer
+        assert fsync.is_alive(), "fsync on a returned while its sync peer b was frozen"
+    finally:
+        os.kill(b_pid, signal.SIGCONT)
+    fsync.join(WAIT)
+    assert not fsync.is_alive(), "fsync on a still blocked after b was thawed"
+    if errors:
+        raise errors[0]
+    assert not a.replication()["degraded"]
     a.kill()
     for node in (b, c):
-        wait_content(node, rel, content, timeout=2.0)
+        wait_content(node, rel, content, timeout=10.0)  # committed there before fsync returned
 
     # Degrade: with both peers dead, fsync must return after sync_timeout, not hang.
     a.options["sync_timeout"] = "1"
@@ -641,7 +655,7 @@ def test_status_shows_per_peer_fields_while_a_peer_is_down(cluster: Cluster) -> 
     rel = f"{MAILDIR}/dovecot.index.log"
     content = b"written while b is down\n" * 400
     write_synced(a.path(rel), content)
-    flush(a, timeout=5)
+    flush(a)
     time.sleep(0.2)  # so that the oldest unacknowledged change has an age
 
     status = a.replication()

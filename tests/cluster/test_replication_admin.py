@@ -28,7 +28,7 @@ import pytest
 
 from tests.cluster.conftest import MakeCluster
 from tests.mount.test_cli import assert_one_line_error
-from tests.rigs.cluster import Cluster, Node, wait_for
+from tests.rigs.cluster import Cluster, Node, wait_for, write_synced
 from tests.rigs.mount import is_mounted, run_cli
 
 MAILDIR = "user1/Maildir"
@@ -92,16 +92,6 @@ def state_dir_locked(state_dir: Path) -> bool:
         os.close(fd)
     return False
 
-
-def write_synced(path: Path, data: bytes, flags: int = os.O_TRUNC) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_mailbox(node: Node, tag: bytes) -> dict[str, bytes]:

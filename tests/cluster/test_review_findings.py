@@ -10,16 +10,7 @@ from pathlib import Path
 import lmdb
 
 from tests.cluster.conftest import MakeCluster
-from tests.rigs.cluster import wait_for
-
-
-def write_synced(path: os.PathLike[str] | str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from tests.rigs.cluster import wait_for, write_synced
 
 
 def mark_running_in_an_earlier_boot(state_dir: Path) -> None:

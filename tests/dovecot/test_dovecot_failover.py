@@ -9,7 +9,9 @@ or rebuilding a single index. Two ways A goes away:
 - "kill9": kill -9 of A's mailfs right after the last IMAP command returned, then of A's
   Dovecot, with durability=sync. Sync durability holds fsync until B committed the change,
   so Dovecot runs with mail_fsync=always here: then every change an IMAP command confirmed
-  was fsync'd, and must be on B.
+  was fsync'd, and must be on B. (On loopback, async replication is usually as quick as
+  the kill, so this case shows that B takes over a crashed A cleanly; that fsync really
+  waits for the peer is proven in tests/cluster/test_replication.py, with the peer frozen.)
 """
 
 from __future__ import annotations

@@ -77,3 +77,33 @@ def test_rename_dir_over_empty_dir_keeps_backing_index(make_mount, dirs: Dirs) -
     os.mkdir(mount.mountpoint / "dst")  # marked imported
     os.rename(mount.mountpoint / "src", mount.mountpoint / "dst")  # marker of dst stays
     assert (mount.mountpoint / "dst" / "dovecot.index").read_bytes() == b"index from NFS"
+
+
+def test_export_never_writes_outside_the_backing_path(make_mount, dirs: Dirs) -> None:  # type: ignore[no-untyped-def]
+    """A name like '../escape' in the store (from a peer before names were checked, or a
+    damaged state dir) must not make `mailfs export`, which runs as root, write there."""
+    import lmdb
+
+    from tests.rigs.mount import run_cli
+
+    mount = make_mount(expect_errors=True)
+    (mount.mountpoint / "box").mkdir()
+    (mount.mountpoint / "box" / "dovecot.index").write_bytes(b"index")
+    mount.stop()
+    env = lmdb.open(str(dirs.state / "lmdb"), max_dbs=8)
+    try:
+        names = env.open_db(b"names")
+        with env.begin(write=True) as txn:
+            fid = txn.get(b"box\0dovecot.index", db=names)
+            assert fid is not None
+            txn.put(b"../escape\0dovecot.index", fid, db=names)
+    finally:
+        env.close()
+    outside = dirs.backing.parent / "escape"
+    outside.mkdir()
+    mount = make_mount(expect_errors=True)
+    result = run_cli("export", str(mount.mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert (dirs.backing / "box" / "dovecot.index").read_bytes() == b"index"
+    assert list(outside.iterdir()) == []
+    assert "export skips" in mount.log()

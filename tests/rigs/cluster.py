@@ -15,12 +15,13 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import trustme
 
 from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE, Classifier
-from tests.rigs.mount import MailfsMount, force_unmount, run_cli
+from tests.rigs.mount import MailfsMount, force_unmount, is_mounted, run_cli
 
 CONVERGE_TIMEOUT = 30.0
 
@@ -168,12 +169,19 @@ class Cluster:
         wait_for(connected, timeout, "every running node to connect to every other")
 
     def close(self) -> None:
+        """Kill and unmount every node, even when one of them fails to go; then remove the
+        temp dir (never through a mount that is still there)."""
+        errors: list[BaseException] = []
         for node in self.nodes:
-            try:
-                node.kill()
-            finally:
-                force_unmount(node.mountpoint)
-        shutil.rmtree(self.base, ignore_errors=True)
+            for step in (node.kill, partial(force_unmount, node.mountpoint)):
+                try:
+                    step()
+                except Exception as exc:  # the other nodes must still go
+                    errors.append(exc)
+        if not any(is_mounted(node.mountpoint) for node in self.nodes):
+            shutil.rmtree(self.base, ignore_errors=True)
+        if errors:
+            raise errors[0]
 
     def problems(self, allowed: Sequence[str] = ()) -> list[str]:
         found = []
@@ -196,6 +204,18 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise AssertionError(describe_difference(chosen, sums))
             time.sleep(0.1)
+
+
+def write_synced(path: os.PathLike[str] | str, data: bytes, flags: int = os.O_TRUNC) -> None:
+    """Write a whole file and fsync it, as Dovecot does before a rename."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = CONVERGE_TIMEOUT,
