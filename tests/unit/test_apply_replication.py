@@ -28,6 +28,7 @@ from mailfs.cachemgr.metastore import CHUNK, MetaStore, NeedSnapshot, SeqGap
 from mailfs.cachemgr.records import Attrs, CorruptRecord, Op, Record, decode_one, encode
 from mailfs.cachemgr.snapshot import install_snapshot, write_snapshot
 from mailfs.replication.identity import node_namespace
+from tests.rigs.stores import crash, open_node
 
 MODE = stat.S_IFREG | 0o600
 ORIGIN, RECEIVER = "a", "b"
@@ -38,18 +39,8 @@ State = dict[str, Any]
 # --- stores ----------------------------------------------------------------------------------
 
 
-def open_store(path: Path, node_id: str) -> MetaStore:
-    store = MetaStore(path, ram_budget=64 << 20, map_size=256 << 20, commit_interval=1.0,
-                      commit_bytes=1 << 30, node_id=node_id,
-                      namespace=node_namespace(node_id), replicating=True)
-    store.recover()
-    return store
 
 
-def crash(store: MetaStore) -> None:
-    """The process dies: nothing more is committed (the journal file stays)."""
-    store.journal.close()
-    store.env.close()
 
 
 @contextmanager
@@ -311,11 +302,11 @@ def run_event(event: tuple[Any, ...], link: Link, origin_dir: Path, receiver_dir
         link.receiver.commit_now()
     elif kind == "receiver_crash":
         crash(link.receiver)
-        link.receiver = open_store(receiver_dir, RECEIVER)
+        link.receiver = open_node(receiver_dir, RECEIVER)
         link.disconnect()
     elif kind == "origin_crash":
         crash(link.origin)
-        link.origin = open_store(origin_dir, ORIGIN)
+        link.origin = open_node(origin_dir, ORIGIN)
         link.disconnect()
     elif kind == "ack":
         # The receiver acknowledges what it has committed; the origin may trim its log.
@@ -332,7 +323,7 @@ def run_event(event: tuple[Any, ...], link: Link, origin_dir: Path, receiver_dir
 def test_receiver_converges_despite_transport_faults(base: Path, steps: list[tuple[Any, ...]]
                                                      ) -> None:
     with temp_dir(base) as origin_dir, temp_dir(base) as receiver_dir:
-        link = Link(open_store(origin_dir, ORIGIN), open_store(receiver_dir, RECEIVER))
+        link = Link(open_node(origin_dir, ORIGIN), open_node(receiver_dir, RECEIVER))
         try:
             for step in steps:
                 if step[0] in {"deliver", "disconnect", "reorder", "duplicate",
@@ -349,7 +340,7 @@ def test_receiver_converges_despite_transport_faults(base: Path, steps: list[tup
             # What the receiver acknowledges is what survives its crash.
             link.receiver.commit_now()
             crash(link.receiver)
-            link.receiver = open_store(receiver_dir, RECEIVER)
+            link.receiver = open_node(receiver_dir, RECEIVER)
             assert link.receiver.committed_applied.get(ORIGIN, 0) == link.origin.journal.seq
             assert replicated_state(link.receiver) == expected
         finally:
@@ -395,7 +386,7 @@ def test_local_change_on_the_receiver_is_never_overwritten(
         base: Path, initial: bytes, local: tuple[Any, ...], later: list[tuple[Any, ...]],
         commit_after_local: bool, crash_after_local: bool, delivered_at_once: bool) -> None:
     with temp_dir(base) as origin_dir, temp_dir(base) as receiver_dir:
-        link = Link(open_store(origin_dir, ORIGIN), open_store(receiver_dir, RECEIVER))
+        link = Link(open_node(origin_dir, ORIGIN), open_node(receiver_dir, RECEIVER))
         try:
             dirpath, name = b"INBOX", b"dovecot.index.log"
             stored = link.origin.create(dirpath, name, MODE, 8, 8)
@@ -414,7 +405,7 @@ def test_local_change_on_the_receiver_is_never_overwritten(
                 link.receiver.commit_now()
             if crash_after_local:
                 crash(link.receiver)
-                link.receiver = open_store(receiver_dir, RECEIVER)
+                link.receiver = open_node(receiver_dir, RECEIVER)
                 link.disconnect()
                 assert file_state(link.receiver, dirpath, name) == mine
 
@@ -451,8 +442,8 @@ def test_local_write_to_an_uncommitted_remote_file_survives_a_crash(tmp_path: Pa
     next commit: its own WRITE is in its journal, the peer's CREATE is not (it was never
     committed; the peer resends it after the restart). Recovery must not fail, and the
     local write must not be lost."""
-    origin = open_store(tmp_path / "origin", ORIGIN)
-    receiver = open_store(tmp_path / "receiver", RECEIVER)
+    origin = open_node(tmp_path / "origin", ORIGIN)
+    receiver = open_node(tmp_path / "receiver", RECEIVER)
     link = Link(origin, receiver)
     try:
         stored = origin.create(b"INBOX", b"dovecot.index.log", MODE, 8, 8)
@@ -461,7 +452,7 @@ def test_local_write_to_an_uncommitted_remote_file_survives_a_crash(tmp_path: Pa
         receiver.write(receiver.get(stored.fid), 0, b"local")
         crash(receiver)
         try:
-            link.receiver = open_store(tmp_path / "receiver", RECEIVER)
+            link.receiver = open_node(tmp_path / "receiver", RECEIVER)
         except FileNotFoundError as exc:
             link.receiver = None  # type: ignore[assignment]
             pytest.fail(f"the receiver cannot recover after a crash: {exc!r}")
@@ -477,8 +468,8 @@ def test_local_write_to_an_uncommitted_remote_file_survives_a_crash(tmp_path: Pa
 def test_local_rename_of_an_uncommitted_remote_file_survives_a_crash(tmp_path: Path) -> None:
     """As above with a rename (Dovecot renames index files all the time): after the crash
     both nodes must still agree on the file's name."""
-    a = open_store(tmp_path / "a", "a")
-    b = open_store(tmp_path / "b", "b")
+    a = open_node(tmp_path / "a", "a")
+    b = open_node(tmp_path / "b", "b")
     a_to_b, b_to_a = Link(a, b), Link(b, a)
     try:
         stored = a.create(b"INBOX", b"dovecot.index.log", MODE, 8, 8)
@@ -486,7 +477,7 @@ def test_local_rename_of_an_uncommitted_remote_file_survives_a_crash(tmp_path: P
         a_to_b.drain()  # applied on b, not committed there
         b.rename(b"INBOX", b"dovecot.index.log", b"INBOX", b"dovecot.index.log.2")
         crash(b)
-        a_to_b.receiver = b_to_a.origin = b = open_store(tmp_path / "b", "b")
+        a_to_b.receiver = b_to_a.origin = b = open_node(tmp_path / "b", "b")
         a_to_b.drain()
         b_to_a.drain()
         names_a, names_b = a.all_names(), b.all_names()
@@ -513,8 +504,8 @@ def snapshot_of(origin: MetaStore, path: Path) -> dict[str, int]:
 @pytest.mark.parametrize("seed", range(8))
 async def test_snapshot_installs_the_origins_state(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    origin = open_store(tmp_path / "origin", ORIGIN)
-    receiver = open_store(tmp_path / "receiver", RECEIVER)
+    origin = open_node(tmp_path / "origin", ORIGIN)
+    receiver = open_node(tmp_path / "receiver", RECEIVER)
     link = Link(origin, receiver)
     try:
         for op in random_local_ops(rng, 40):
@@ -549,7 +540,7 @@ async def test_snapshot_installs_the_origins_state(tmp_path: Path, seed: int) ->
         # The installed state is what LMDB holds: it survives a crash.
         receiver.commit_now()
         crash(receiver)
-        link.receiver = receiver = open_store(tmp_path / "receiver", RECEIVER)
+        link.receiver = receiver = open_node(tmp_path / "receiver", RECEIVER)
         assert replicated_state(receiver) == replicated_state(origin)
         assert receiver.committed_applied == {ORIGIN: origin.journal.seq}
     finally:
@@ -576,8 +567,8 @@ def _wrong_record(data: bytes) -> bytes:
                          ids=["flipped-bit", "truncated", "journal-record"])
 async def test_damaged_snapshot_changes_nothing(tmp_path: Path, damage: Any) -> None:
     rng = random.Random(5)
-    origin = open_store(tmp_path / "origin", ORIGIN)
-    receiver = open_store(tmp_path / "receiver", RECEIVER)
+    origin = open_node(tmp_path / "origin", ORIGIN)
+    receiver = open_node(tmp_path / "receiver", RECEIVER)
     link = Link(origin, receiver)
     try:
         for op in random_local_ops(rng, 30):
@@ -602,7 +593,7 @@ async def test_damaged_snapshot_changes_nothing(tmp_path: Path, damage: Any) -> 
         assert not receiver.installing
         # The old state is in LMDB, too, and the stream continues where it was.
         crash(receiver)
-        link.receiver = receiver = open_store(tmp_path / "receiver", RECEIVER)
+        link.receiver = receiver = open_node(tmp_path / "receiver", RECEIVER)
         assert replicated_state(receiver) == before
         link.drain()
         assert replicated_state(receiver) == replicated_state(origin)

@@ -5,19 +5,13 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from mailfs.cachemgr.metastore import MetaStore
 from mailfs.cachemgr.records import Op, Record, decode_one
 from mailfs.replication.identity import node_namespace
+from tests.rigs.stores import open_node
 
 MODE = stat.S_IFREG | 0o600
 
 
-def open_node(path: Path, node_id: str) -> MetaStore:
-    store = MetaStore(path, ram_budget=64 << 20, map_size=256 << 20, commit_interval=1.0,
-                      commit_bytes=1 << 30, node_id=node_id,
-                      namespace=node_namespace(node_id), replicating=True)
-    store.recover()
-    return store
 
 
 def test_a_peers_drop_of_a_file_dropped_here_is_not_a_conflict(tmp_path: Path) -> None:

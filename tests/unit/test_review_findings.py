@@ -13,22 +13,13 @@ from mailfs.cachemgr.metastore import MetaStore
 from mailfs.cachemgr.records import Attrs, Op, Record, encode
 from mailfs.cachemgr.snapshot import install_snapshot, write_snapshot
 from mailfs.replication.identity import make_fid, make_version, node_namespace
+from tests.rigs.stores import crash, open_node
 
 MODE = stat.S_IFREG | 0o600
 
 
-def open_node(path: Path, node_id: str) -> MetaStore:
-    store = MetaStore(path, ram_budget=64 << 20, map_size=256 << 20, commit_interval=1.0,
-                      commit_bytes=1 << 30, node_id=node_id,
-                      namespace=node_namespace(node_id), replicating=True)
-    store.recover()
-    return store
 
 
-def crash(store: MetaStore) -> None:
-    """The process dies: nothing more is committed (the journal file stays)."""
-    store.journal.close()
-    store.env.close()
 
 
 def content_of(store: MetaStore, dirpath: bytes, name: bytes) -> bytes | None:
