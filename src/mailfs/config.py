@@ -8,13 +8,12 @@ import math
 import os
 import re
 import socket
-import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from mailfs.errors import UserError
+from mailfs.errors import UserError, read_small_file
 from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE, validate_patterns
 from mailfs.replication.identity import node_namespace
 
@@ -233,17 +232,9 @@ def field_name(section: str, key: str) -> str:
 def load_file(path: Path) -> dict[str, object]:
     if not str(path):
         raise UserError("config file path is empty")
+    data = read_small_file("config file", path)
     try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except PermissionError:
-        raise UserError(f"config file {path} is not readable") from None
-    except IsADirectoryError:
-        raise UserError(f"config file {path} is a directory") from None
-    except OSError as exc:
-        raise UserError(f"config file {path} cannot be read: {exc.strerror}") from None
+        raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
@@ -371,14 +362,4 @@ def check_readable_file(key: str, path: Path) -> None:
     if not str(path) or str(path) == ".":
         raise UserError(f"config: {key} must be set when replication is on "
                         f"(peers or listen given)")
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open below
-            raise UserError(f"config: {key} {path} is not a regular file")
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError:
-        raise UserError(f"config: {key} {path} does not exist") from None
-    except PermissionError:
-        raise UserError(f"config: {key} {path} is not readable") from None
-    except OSError as exc:
-        raise UserError(f"config: {key} {path} cannot be read: {exc.strerror}") from None
+    read_small_file(f"config: {key}", path)

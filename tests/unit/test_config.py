@@ -259,7 +259,7 @@ def test_tls_files_are_required(tmp_path: Path, name: str) -> None:
         build(None, {**values, name: Path()})
     with pytest.raises(UserError, match=f"replication.{name} .*/missing.pem does not exist"):
         build(None, {**values, name: tmp_path / "missing.pem"})
-    with pytest.raises(UserError, match=f"replication.{name} .* is not a regular file"):
+    with pytest.raises(UserError, match=f"replication.{name} .* is a directory"):
         build(None, {**values, name: tmp_path})
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(UserError, match=f"replication.{name} .*/fifo is not a regular file"):

@@ -167,7 +167,7 @@ class NeedSnapshot(Exception):
 
 
 class SnapshotStale(Exception):
-    """A snapshot that lacks some of this node's own changes: installing it loses them."""
+    """A snapshot lacking own changes that the log no longer has: installing it loses them."""
 
 
 class SeqGap(Exception):

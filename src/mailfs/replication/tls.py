@@ -16,7 +16,7 @@ import ssl
 from pathlib import Path
 from typing import Any, Protocol
 
-from mailfs.errors import UserError
+from mailfs.errors import UserError, read_small_file
 
 
 class PeerCertificateHolder(Protocol):
@@ -36,17 +36,7 @@ def _refuse_password() -> str:
 def _read(what: str, path: Path) -> bytes:
     if not str(path) or str(path) == ".":
         raise UserError(f"{what} file is not set")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path} is a directory") from None
-    except PermissionError:
-        raise UserError(f"{what} {path} is not readable") from None
-    except OSError as exc:
-        raise UserError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    return read_small_file(what, path)
 
 
 def _pem_certificates(what: str, path: Path) -> str:
