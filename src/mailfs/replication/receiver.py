@@ -17,7 +17,7 @@ import shutil
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -68,7 +68,6 @@ class Incoming:
     snapshot_path: Path | None = None
     snapshot_begin: SnapshotBegin | None = None
     conflicts_logged: int = 0
-    ack_needed: trio.Event = field(default_factory=trio.Event)
 
 
 class Receiver:
