@@ -5,7 +5,7 @@ record first and then apply it, and replay after a crash applies the same record
 the same `_apply_*` methods, so the running state and the recovered state cannot differ.
 
 LMDB layout (named databases):
-    files    fid(u64 BE)                  -> packed Attrs
+    files    fid(u64 BE)                  -> packed Attrs + u64 version
     chunks   fid(u64 BE) + index(u32 BE)  -> up to CHUNK bytes of content
     names    dirpath + b"\\0" + name       -> fid(u64 BE); the empty name is the
                                              "this directory was imported" marker
@@ -13,8 +13,12 @@ LMDB layout (named databases):
     replog   seq(u64 BE)                  -> u64 base version + encoded record: this
                                              node's own changes, kept for peers until
                                              every peer has acknowledged them
-    meta     b"seq", b"next_fid", b"epoch", b"replog_bytes" -> u64;
+    meta     b"seq", b"next_fid", b"epoch", b"replog_bytes", b"running" -> u64;
+             b"boot_id" -> the machine's boot id at mount (machine-crash detection);
              b"applied:" + origin node id -> u64, the last seq of that origin applied here
+
+Peers' changes are applied through `apply_remote`, journaled here as REMOTE records (they
+take no seq of this node), so replay keeps their order among local changes.
 
 Files carry a version: the (origin namespace, seq) of the change that last produced their
 content or attributes (see replication/identity.py). A change streamed to a peer names
