@@ -26,7 +26,9 @@ from mailfs.replication.protocol import SnapshotProgress
 log = logging.getLogger(__name__)
 
 LAG_SAMPLES = 10_000
-REMEMBERED_CHANGES = 2_000_000
+# Per change about 90 bytes of RAM; for a peer behind by more, lag seconds and unacked
+# bytes count from the oldest change remembered (a lower bound).
+REMEMBERED_CHANGES = 200_000
 
 
 @dataclass
