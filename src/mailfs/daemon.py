@@ -232,6 +232,14 @@ def mount_options(config: Config) -> set[str]:
     return options
 
 
+def close_unmounted(daemon: Daemon) -> None:
+    """After a start that failed once the store was recovered: a clean stop, not a crash."""
+    with contextlib.suppress(OSError):
+        daemon.store.mark_stopped()
+        daemon.store.commit_now()
+    daemon.store.close()
+
+
 def run(config: Config, ready_fd: int | None = None) -> int:
     check_paths(config)
     # Resolved before mounting: once mounted, resolving the mountpoint would call into
@@ -249,12 +257,12 @@ def run(config: Config, ready_fd: int | None = None) -> int:
             if daemon.replication is not None:
                 daemon.replication.bind()
         except UserError:
-            daemon.store.close()
+            close_unmounted(daemon)
             raise
         try:
             pyfuse3.init(Operations(daemon.fs), str(config.mountpoint), mount_options(config))
         except RuntimeError as exc:
-            daemon.store.close()
+            close_unmounted(daemon)
             raise UserError(f"cannot mount {config.mountpoint}: {exc}") from None
         try:
             trio.run(daemon.main, ready_fd, control_socket)

@@ -66,3 +66,39 @@ def test_a_drop_that_overtakes_the_rename_it_follows_is_not_a_conflict(
     finally:
         a.close()
         b.close()
+
+
+def pretend_rebooted(store_path: Path) -> None:
+    """Rewrite the recorded boot id, as if this machine had booted since."""
+    import lmdb
+
+    env = lmdb.open(str(store_path / "lmdb"), max_dbs=8)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"boot_id", b"an-earlier-boot", db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()
+
+
+def test_only_a_machine_crash_makes_own_seqs_jump(tmp_path: Path) -> None:
+    from mailfs.cachemgr.metastore import SEQ_JUMP_AFTER_CRASH
+
+    store = open_node(tmp_path, "a")
+    store.create(b"u", b"dovecot.index", MODE, 0, 0)
+    store.mark_stopped()
+    store.commit_now()
+    seq = store.journal.seq
+    store.close()
+    pretend_rebooted(tmp_path)  # a clean stop, then a reboot: nothing was lost
+    store = open_node(tmp_path, "a")
+    assert store.journal.seq == seq
+    store.close()  # still marked running: the daemon died, the machine did not
+    store = open_node(tmp_path, "a")
+    assert store.journal.seq == seq
+    store.close()
+    pretend_rebooted(tmp_path)  # died while mounted, and the machine went down
+    store = open_node(tmp_path, "a")
+    try:
+        assert store.journal.seq == seq + SEQ_JUMP_AFTER_CRASH
+    finally:
+        store.close()
