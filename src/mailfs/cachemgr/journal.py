@@ -71,6 +71,8 @@ class Journal:
                     expected += 1
                     self.seq = record.seq
                     yield record
+                    if record.op is Op.SKIP:
+                        expected = int(record.fields[0]) + 1  # type: ignore[arg-type]
             except CorruptRecord as exc:
                 log.warning("journal %s: %s; replay stops there", self.path(generation), exc)
                 return

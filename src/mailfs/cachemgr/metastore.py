@@ -31,6 +31,7 @@ change. Placing an `await` inside any public mutator breaks that; don't.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -54,6 +55,7 @@ from mailfs.cachemgr.records import (
     Record,
     decode_one,
     encode,
+    skipped_through,
 )
 from mailfs.replication.identity import fid_namespace, make_fid, make_version, node_namespace
 
@@ -84,6 +86,11 @@ Overlay = dict[tuple[bytes, bytes], bytes | None]
 
 def name_key(dirpath: bytes, name: bytes) -> bytes:
     return dirpath + SEP + name
+
+
+def next_seq(entry: LogEntry) -> int:
+    """The seq of the change that follows `entry` in the log."""
+    return max(entry.seq, skipped_through(entry.record) or 0) + 1
 
 
 def boot_id() -> bytes:
@@ -274,21 +281,28 @@ class MetaStore:
             if record.op is Op.REMOTE:
                 self._replay_remote(record)
             else:
-                self._apply_own(record, encode(record))
+                try:
+                    self._apply_own(record, encode(record))
+                except FileNotFoundError as exc:
+                    # Live, a peer's change left this file alone because it was open here;
+                    # at replay nothing is open and it is gone.
+                    self.stats.conflicts += 1
+                    self.stats.last_conflict = f"own change {record.seq} not replayed: {exc}"
+                    log.error("CONFLICT: own change %d not replayed: %s", record.seq, exc)
             replayed += 1
         self.stats.replayed_records = replayed
         for fid in self._orphans():
             self._apply_drop(fid)
         own_seq = max(self.journal.seq, start)
+        self.journal.start(own_seq)
         if machine_crashed and self.replicating:
             # The journal is not fsync'd: its tail may be gone, while peers may have
-            # received it. New changes must never reuse those seqs; every peer that is
-            # past the gap's start then gets a snapshot.
+            # received it. New changes must never reuse those seqs; a peer that has some
+            # of them gets a snapshot.
             log.warning("this machine crashed while mailfs was mounted: own change seqs "
-                        "continue after %d instead of %d, and peers get a snapshot",
-                        own_seq + SEQ_JUMP_AFTER_CRASH, own_seq)
-            own_seq += SEQ_JUMP_AFTER_CRASH
-        self.journal.start(own_seq)
+                        "continue after %d instead of %d", own_seq + SEQ_JUMP_AFTER_CRASH,
+                        own_seq)
+            self.skip_to(own_seq + SEQ_JUMP_AFTER_CRASH)
         self._set(b"meta", b"epoch", U64.pack(self.epoch))
         self._set(b"meta", b"running", U64.pack(1))
         self._set(b"meta", b"boot_id", boot_id())
@@ -330,10 +344,13 @@ class MetaStore:
                            FID.pack(after + 1)) else []
         for seq, data in entries:
             if seq != last + 1:
-                log.error("own change %d is missing from the replication log; %d later "
-                          "ones are not re-applied", last + 1, len(entries))
+                log.error("own change %d is missing from the replication log; changes "
+                          "from %d on are not re-applied", last + 1, seq)
                 break
             record = decode_one(data)
+            if record.op is Op.SKIP:
+                last = max(seq, record.fields[0])  # type: ignore[type-var,assignment]
+                continue
             try:
                 self._apply(record)
             except FileNotFoundError as exc:
@@ -494,6 +511,9 @@ class MetaStore:
     def _log(self, op: Op, *fields: Field) -> None:
         if self.installing:
             raise OSError(errno.EAGAIN, "a snapshot from a peer is being installed")
+        self._append(op, *fields)
+
+    def _append(self, op: Op, *fields: Field) -> None:
         try:
             record, data = self.journal.append(op, fields)
         except OSError as exc:
@@ -511,6 +531,8 @@ class MetaStore:
     def _apply_own(self, record: Record, data: bytes) -> None:
         self.newly_orphaned.clear()  # only peers' changes use it
         base = self._version_of(record)
+        if record.op is Op.SKIP:
+            self.journal.seq = max(self.journal.seq, record.fields[0])  # type: ignore[type-var,assignment]
         self._apply(record)
         self._set_version(record, make_version(self.namespace, record.seq))
         if self.replicating:
@@ -591,6 +613,8 @@ class MetaStore:
         else:
             self.stats.conflicts += 1
             self.stats.last_conflict = f"{origin} seq {seq}: {conflict}"
+        if record.op is Op.SKIP:
+            seq = max(seq, record.fields[0])  # type: ignore[type-var,assignment]
         self.applied[origin] = seq
         self._set(b"meta", APPLIED_PREFIX + origin.encode(), U64.pack(seq))
         self.stats.remote_applied += 1
@@ -644,9 +668,11 @@ class MetaStore:
         self._wake.set()
 
     def skip_to(self, seq: int) -> None:
-        """Continue own seqs after `seq`: a peer has applied changes this node lost."""
+        """Continue own seqs after `seq` (a peer has changes this node lost, or a machine
+        crash may have taken some). A journaled SKIP record says so, so that replay, the
+        replication log and peers all see one contiguous history."""
         if seq > self.journal.seq:
-            self.journal.seq = seq
+            self._append(Op.SKIP, seq)
             self._wake.set()
 
     def create(self, dirpath: bytes, name: bytes, mode: int, uid: int, gid: int) -> StoredFile:
@@ -1034,8 +1060,9 @@ class MetaStore:
     def records_after(self, seq: int, max_bytes: int) -> list[LogEntry]:
         """This node's changes after `seq`, in order, about `max_bytes` of them.
 
-        Raises NeedSnapshot when the next one is no longer in the log (trimmed beyond the
-        size limit, or this node skipped seqs it had lost).
+        A SKIP record stands for the seqs it skips. Raises NeedSnapshot when the next
+        change is no longer in the log (trimmed beyond the size limit), or `seq` lies in a
+        skipped range (the peer has changes this node lost).
         """
         wanted = seq + 1
         found: list[LogEntry] = []
@@ -1052,9 +1079,10 @@ class MetaStore:
                         logged = int(FID.unpack(key)[0])
                         if logged != wanted:
                             break
-                        found.append(LogEntry(logged, REPLOG_ENTRY.unpack_from(value)[0],
-                                              bytes(value[REPLOG_ENTRY.size:])))
-                        wanted += 1
+                        entry = LogEntry(logged, REPLOG_ENTRY.unpack_from(value)[0],
+                                         bytes(value[REPLOG_ENTRY.size:]))
+                        found.append(entry)
+                        wanted = next_seq(entry)
                         size += len(value)
                         if size >= max_bytes or wanted >= tail_first:
                             break
@@ -1064,13 +1092,16 @@ class MetaStore:
                 if found:
                     return found
                 raise NeedSnapshot(f"change {wanted} is missing from the replication log")
-        start = wanted - tail_first
-        if start < 0 or (tail and start < len(tail) and tail[start].seq != wanted):
-            if found:
+        index = bisect.bisect_left(tail, wanted, key=lambda entry: entry.seq)
+        if index == len(tail) or tail[index].seq != wanted:
+            if found or wanted > self.journal.seq:
                 return found
-            raise NeedSnapshot(f"change {wanted} is not in sequence in the replication log")
-        for entry in tail[start:]:
+            raise NeedSnapshot(f"change {wanted} was skipped or is missing")
+        for entry in tail[index:]:
+            if entry.seq != wanted:
+                break
             found.append(entry)
+            wanted = next_seq(entry)
             size += len(entry.record)
             if size >= max_bytes:
                 break

@@ -44,6 +44,9 @@ class Op(enum.IntEnum):
     # Journal only: a peer's change, journaled here so that replay keeps its place among
     # this node's own changes (it does not take a seq of this node).
     REMOTE = 15
+    # Own seqs after this record's continue after field 0: nothing was ever made in
+    # between (seqs a machine crash may have lost, or that a peer has from before it).
+    SKIP = 16
 
 
 @dataclass(slots=True)
@@ -91,6 +94,7 @@ LAYOUT: dict[Op, str] = {
     Op.SNAP_FILE: "qqab",   # fid, version, attrs, content
     Op.SNAP_NAME: "bbq",    # dirpath, name, fid (0: the directory's import marker)
     Op.REMOTE: "bqqb",      # origin node id, its seq, base version, the encoded record
+    Op.SKIP: "q",           # the last seq skipped
 }
 
 # Which fields of each op are directory paths ("d") and file names ("n").
@@ -243,3 +247,13 @@ def decode_one(data: bytes | memoryview) -> Record:
     if xxhash.xxh3_64_intdigest(body) != checksum:
         raise CorruptRecord("record checksum mismatch")
     return decode_body(body)
+
+
+SKIP_OP_OFFSET = HEADER.size + U64.size  # where the op byte sits in an encoded record
+
+
+def skipped_through(encoded: bytes) -> int | None:
+    """For an encoded SKIP record, the last seq it skips; None for any other record."""
+    if len(encoded) > SKIP_OP_OFFSET and encoded[SKIP_OP_OFFSET] == Op.SKIP:
+        return int(decode_one(encoded).fields[0])  # type: ignore[arg-type]
+    return None

@@ -25,7 +25,13 @@ from typing import BinaryIO
 import trio
 
 from mailfs.cachemgr.metastore import SeqGap, SnapshotStale, size_problem
-from mailfs.cachemgr.records import CorruptRecord, Op, decode_one, path_problem
+from mailfs.cachemgr.records import (
+    CorruptRecord,
+    Op,
+    decode_one,
+    path_problem,
+    skipped_through,
+)
 from mailfs.cachemgr.snapshot import install_snapshot, remove_quietly, snapshot_path
 from mailfs.fs.invalidation import names_changed
 from mailfs.replication.identity import node_namespace
@@ -91,7 +97,8 @@ class Receiver:
                 await stream.do_handshake()
                 session = Session("server", self.replicator.node_id,
                                   self.replicator.config.cluster, self.store.epoch,
-                                  lambda: self.store.committed_applied)
+                                  lambda: self.store.committed_applied,
+                                  contiguous_seqs=False)  # SKIP records jump; see apply_remote
                 link = Link(stream, session)
                 while session.peer_node_id is None:
                     await link.receive()
@@ -202,6 +209,7 @@ class Receiver:
                           "send its own")
         # Check every record before applying any: a damaged batch applies nothing.
         records = []
+        expected = self.store.applied.get(origin, 0) + 1
         for change in changes.records:
             try:
                 record = decode_one(change.record)
@@ -213,6 +221,12 @@ class Receiver:
             problem = path_problem(record) or size_problem(record)
             if problem is not None:
                 raise Refused(f"change {change.seq} of {origin!r} is impossible: {problem}")
+            if change.seq > expected:
+                raise Refused(f"Changes of {origin!r}: seq {change.seq} where {expected} was "
+                              "expected (missing or reordered change)")
+            if change.seq == expected:  # lower ones are resends after a reconnect
+                skipped = skipped_through(change.record)
+                expected = max(change.seq, skipped or 0) + 1
             records.append((change, record))
         namespace = node_namespace(origin)
         for change, record in records:

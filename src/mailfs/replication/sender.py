@@ -81,7 +81,8 @@ class PeerSender:
             stream = trio.SSLStream(tcp, self.context, server_hostname=peer.node_id)
             session = Session("client", self.replicator.node_id, self.replicator.config.cluster,
                               self.store.epoch, lambda: self.store.committed_applied,
-                              expected_peer_id=peer.node_id)
+                              expected_peer_id=peer.node_id,
+                              contiguous_seqs=False)  # SKIP records jump seqs
             link = Link(stream, session)
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
