@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import struct
-from pathlib import Path
-
-import lmdb
-
 from tests.cluster.conftest import MakeCluster
 from tests.rigs.cluster import wait_for, write_synced
-
-
-def mark_running_in_an_earlier_boot(state_dir: Path) -> None:
-    """What a machine crash leaves: a mount still marked running, from another boot."""
-    env = lmdb.open(str(state_dir / "lmdb"), max_dbs=8)
-    try:
-        meta = env.open_db(b"meta")
-        with env.begin(write=True) as txn:
-            txn.put(b"running", struct.pack("<Q", 1), db=meta)
-            txn.put(b"boot_id", b"an-earlier-boot", db=meta)
-    finally:
-        env.close()
+from tests.rigs.stores import pretend_booted_since
 
 
 def test_a_two_node_cluster_converges_after_both_machines_crashed(
@@ -39,7 +23,7 @@ def test_a_two_node_cluster_converges_after_both_machines_crashed(
     cluster.wait_converged()
     for node in (a, b):
         node.stop()
-        mark_running_in_an_earlier_boot(node.state_dir)
+        pretend_booted_since(node.state_dir, still_running=True)
     a.start()
     b.start()
     write_synced(a.path("box/dovecot.index.log"), b"written on a after the reboot\n")

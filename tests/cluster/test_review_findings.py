@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
-from pathlib import Path
-
-import lmdb
 
 from tests.cluster.conftest import MakeCluster
 from tests.rigs.cluster import wait_for, write_synced
-
-
-def mark_running_in_an_earlier_boot(state_dir: Path) -> None:
-    """What a machine crash leaves: a mount still marked running, from another boot."""
-    env = lmdb.open(str(state_dir / "lmdb"), max_dbs=8)
-    try:
-        meta = env.open_db(b"meta")
-        with env.begin(write=True) as txn:
-            txn.put(b"running", struct.pack("<Q", 1), db=meta)
-            txn.put(b"boot_id", b"an-earlier-boot", db=meta)
-    finally:
-        env.close()
+from tests.rigs.stores import pretend_booted_since
 
 
 def test_seqs_lost_by_an_origin_crash_are_never_reused(make_cluster: MakeCluster) -> None:
@@ -57,7 +42,7 @@ def test_seqs_lost_by_an_origin_crash_are_never_reused(make_cluster: MakeCluster
     a.kill()
     shutil.rmtree(a.state_dir)
     shutil.copytree(saved, a.state_dir)
-    mark_running_in_an_earlier_boot(a.state_dir)
+    pretend_booted_since(a.state_dir, still_running=True)
 
     b.stop()  # b is away when a comes back
     a.start()

@@ -322,8 +322,8 @@ def test_snapshot_then_live_stream() -> None:
     out: list[Message] = []
     for piece in split(stream, list(range(0, len(stream), 777))):
         out.extend(client.receive(piece))
-        if client.snapshot_progress is not None:
-            progress.append(client.snapshot_progress)
+        if client.incoming_snapshot is not None:
+            progress.append(client.incoming_snapshot)
     assert b"".join(m.data for m in out if isinstance(m, SnapshotChunk)) == body
     assert progress[-1].complete and progress[-1].fraction == 1.0
     fractions = [p.fraction for p in progress]
@@ -490,7 +490,7 @@ def test_snapshot_violations_are_refused(message: Message, match: str) -> None:
 def test_a_bad_snapshot_checksum_is_refused() -> None:
     client, server = snapshot_session()
     client.receive(server.send(SnapshotChunk(5, 4, b"456789")))
-    assert client.snapshot_progress == SnapshotProgress(5, 10, 10, False)
+    assert client.incoming_snapshot == SnapshotProgress(5, 10, 10, False)
     bad = xxhash.xxh3_64_intdigest(BODY) ^ 1
     with pytest.raises(ProtocolError, match=r"refusing to send SnapshotEnd: .*checksum mismatch"):
         server.send(SnapshotEnd(5, bad))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mailfs.cachemgr.records import Op, Record, decode_one
 from mailfs.replication.identity import node_namespace
-from tests.rigs.stores import open_node
+from tests.rigs.stores import open_node, pretend_booted_since
 
 MODE = stat.S_IFREG | 0o600
 
@@ -68,16 +68,6 @@ def test_a_drop_that_overtakes_the_rename_it_follows_is_not_a_conflict(
         b.close()
 
 
-def pretend_rebooted(store_path: Path) -> None:
-    """Rewrite the recorded boot id, as if this machine had booted since."""
-    import lmdb
-
-    env = lmdb.open(str(store_path / "lmdb"), max_dbs=8)
-    try:
-        with env.begin(write=True) as txn:
-            txn.put(b"boot_id", b"an-earlier-boot", db=env.open_db(b"meta", txn=txn))
-    finally:
-        env.close()
 
 
 def test_only_a_machine_crash_makes_own_seqs_jump(tmp_path: Path) -> None:
@@ -89,14 +79,14 @@ def test_only_a_machine_crash_makes_own_seqs_jump(tmp_path: Path) -> None:
     store.commit_now()
     seq = store.journal.seq
     store.close()
-    pretend_rebooted(tmp_path)  # a clean stop, then a reboot: nothing was lost
+    pretend_booted_since(tmp_path)  # a clean stop, then a reboot: nothing was lost
     store = open_node(tmp_path, "a")
     assert store.journal.seq == seq
     store.close()  # still marked running: the daemon died, the machine did not
     store = open_node(tmp_path, "a")
     assert store.journal.seq == seq
     store.close()
-    pretend_rebooted(tmp_path)  # died while mounted, and the machine went down
+    pretend_booted_since(tmp_path)  # died while mounted, and the machine went down
     store = open_node(tmp_path, "a")
     try:
         assert store.journal.seq == seq + SEQ_JUMP_AFTER_CRASH

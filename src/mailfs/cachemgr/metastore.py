@@ -548,11 +548,11 @@ class MetaStore:
             return 0
 
     def _set_version(self, record: Record, version: int) -> None:
+        """After `_apply`, which already marked the file dirty for the next commit."""
         if record.op in VERSIONED_OPS or record.op in CREATING_OPS:
             stored = self.files.get(record.fields[0])  # type: ignore[arg-type]
             if stored is not None:
                 stored.version = version
-                self._touch(stored)
 
     # ---------------------------------------------------------------- peers' changes
 

@@ -862,7 +862,6 @@ class Session:
     def outgoing_snapshot(self) -> SnapshotProgress | None:
         return self._outgoing.progress() if self._outgoing is not None else None
 
-    snapshot_progress = incoming_snapshot
 
     def received_through(self, origin: str) -> int:
         """The last seq of `origin` received on this connection (or the resume point)."""

@@ -35,7 +35,6 @@ REMEMBERED_CHANGES = 200_000
 class PeerState:
     peer: Peer
     connected: bool = False
-    connected_since: float = 0.0
     acked_seq: int = 0          # own changes the peer has committed
     sent_seq: int = 0
     last_error: str = ""

@@ -113,7 +113,6 @@ class PeerSender:
             self.store.skip_to(position)
             await self.store.commit()
         self.state.connected = True
-        self.state.connected_since = time.time()
         if self.state.last_error:
             log.info("replication to %s connected again", self.state.peer.node_id)
         self.state.last_error = ""
