@@ -56,6 +56,56 @@ class BackingStats:
     by_call: Counter[str] = field(default_factory=Counter)
 
 
+class BackingFd:
+    """A backing file descriptor that is closed only once no worker call is using it.
+
+    Requests that share one file (getattr picks any open handle of the node) race with
+    release: if release closed the descriptor between another request choosing its number
+    and the worker making the syscall, the next open() could reuse that number, and the
+    fstat, pread or pwrite would act on an unrelated file. Wrong sizes then make the
+    kernel cut its page cache under Dovecot's mmap (SIGBUS, short reads), and a pwrite
+    would corrupt another message. So every call on the descriptor runs through `call`,
+    on the worker, and the number is released to the kernel only after the last one.
+    """
+
+    __slots__ = ("_closing", "_lock", "_users", "number")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """fn(number, *args), or EBADF once close() has been asked for."""
+        with self._lock:
+            if self._closing:
+                raise OSError(errno.EBADF, "backing file already closed")
+            self._users += 1
+        try:
+            return fn(self.number, *args)
+        finally:
+            with self._lock:
+                self._users -= 1
+                last = self._closing and self._users == 0
+            if last:
+                os.close(self.number)
+
+    def close(self) -> None:
+        """Close now, or when the last call using the descriptor returns."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            last = self._users == 0
+        if last:
+            os.close(self.number)
+
+
 class _Job:
     __slots__ = ("abandoned", "args", "cleanup", "done", "fn", "result", "started", "task",
                  "waiting")
@@ -195,10 +245,16 @@ class Backing:
         """Like run; if the caller has been failed by then, cleanup(result) runs instead."""
         return await self._run(fn, args, self._recent_seconds < SLOW_CALL, cleanup)
 
+    async def run_on(self, fd: BackingFd, fn: Callable[..., T], *args: object,
+                     waiting: bool = False) -> T:
+        """fn(fd number, *args) on a worker; the number cannot be reused meanwhile."""
+        quick = not waiting and self._recent_seconds < SLOW_CALL
+        return await self._run(fd.call, (fn, *args), quick, name=fn.__name__)
+
     async def _run(self, fn: Callable[..., T], args: tuple[object, ...], quick: bool,
-                   cleanup: Callable[[T], object] | None = None) -> T:
+                   cleanup: Callable[[T], object] | None = None, name: str = "") -> T:
         self.stats.calls += 1
-        self.stats.by_call[fn.__name__] += 1
+        self.stats.by_call[name or fn.__name__] += 1
         job = _Job(fn, args, trio.lowlevel.current_task(), cleanup)
         if quick:
             answer = self._wait_briefly(job)

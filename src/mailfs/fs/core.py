@@ -28,7 +28,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from mailfs.cachemgr.backing import Backing
+from mailfs.cachemgr.backing import Backing, BackingFd
 from mailfs.cachemgr.metastore import MetaStore, StoredFile
 from mailfs.cachemgr.records import Attrs, Op, Record, path_problem
 from mailfs.fs.classifier import Classifier, FileClass
@@ -266,27 +266,32 @@ class MailFS:
                 self._remember_dir_stat(node, st)
                 entry = self._stat_entry(node, st)
         elif entry is None:
-            fd = self._open_fd(node)
-            if fd >= 0:
-                # An open file may have lost its name (expunged, or renamed over): its
-                # own fd still describes it, its old path does not.
-                st = await self.backing.run(os.fstat, fd)
-            elif node.detached:
-                raise oserror(errno.ESTALE)
-            else:
-                relative = self.table.child_path(self.table.nodes[node.parent], node.name)
-                st = await self._backing_stat(relative)
-            entry = self._stat_entry(node, st)
+            entry = self._stat_entry(node, await self._passthrough_stat(node))
         if count_lookup:
             node.lookups += 1
         return entry
 
-    def _open_fd(self, node: Node) -> int:
+    async def _passthrough_stat(self, node: Node) -> os.stat_result:
+        """An open file may have lost its name (expunged, or renamed over): its own fd
+        still describes it, its old path does not. A handle released while we ask is
+        skipped (its fd says EBADF), never mistaken for whatever reuses its number."""
+        while (fd := self._open_fd(node)) is not None:
+            try:
+                return await self.backing.run_on(fd, os.fstat)
+            except OSError as exc:
+                if exc.errno != errno.EBADF or not fd.closing:
+                    raise
+        if node.detached:
+            raise oserror(errno.ESTALE)
+        relative = self.table.child_path(self.table.nodes[node.parent], node.name)
+        return await self._backing_stat(relative)
+
+    def _open_fd(self, node: Node) -> BackingFd | None:
         if node.opens:
             for handle in self.handles.values():
-                if handle.node is node and handle.fd >= 0:
+                if handle.node is node and handle.fd is not None and not handle.fd.closing:
                     return handle.fd
-        return -1
+        return None
 
     def forget(self, inode: int, count: int) -> None:
         node = self.table.nodes.get(inode)
@@ -468,7 +473,7 @@ class MailFS:
         node.lookups += 1
         node.opens += 1
         node.cached_version = (st.st_mtime_ns, st.st_size)
-        handle = Handle(self._fh(), node, fd, bool(flags & os.O_APPEND))
+        handle = Handle(self._fh(), node, BackingFd(fd), bool(flags & os.O_APPEND))
         self.handles[handle.fh] = handle
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._stat_entry(node, st)  # type: ignore[arg-type]
 
@@ -737,8 +742,13 @@ class MailFS:
         else:
             relative = self.table.child_path(self.table.nodes[node.parent], node.name)
         handle = self.handles.get(fh) if fh is not None else None
+        fd = handle.fd if handle is not None else None
+        if fd is None and node.kind is Kind.PASSTHROUGH:
+            fd = self._open_fd(node)
+            if fd is None and node.detached:
+                raise oserror(errno.ESTALE)
         st = await self.backing.run(
-            _apply_setattr, self.backing.path(relative), handle.fd if handle else -1,
+            _apply_setattr, self.backing.path(relative), fd,
             attr.st_size if fields.update_size else None,
             attr.st_mode & 0o7777 if fields.update_mode else None,
             attr.st_uid if fields.update_uid else -1,
@@ -770,7 +780,7 @@ class MailFS:
     # ------------------------------------------------------------------ open / io
 
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
-        handle = Handle(self._fh(), node, -1, bool(flags & os.O_APPEND))
+        handle = Handle(self._fh(), node, None, bool(flags & os.O_APPEND))
         self.handles[handle.fh] = handle
         node.opens += 1
         if node.kind is Kind.REPLICATED:
@@ -791,7 +801,7 @@ class MailFS:
         version = (st.st_mtime_ns, st.st_size)
         keep = version == node.cached_version
         node.cached_version = version
-        handle = Handle(self._fh(), node, fd, bool(flags & os.O_APPEND))
+        handle = Handle(self._fh(), node, BackingFd(fd), bool(flags & os.O_APPEND))
         self.handles[handle.fh] = handle
         node.opens += 1
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)  # type: ignore[arg-type]
@@ -811,7 +821,8 @@ class MailFS:
         if node.kind is Kind.VOLATILE:
             assert node.volatile is not None
             return bytes(memoryview(node.volatile.content)[offset:offset + size])
-        return await self.backing.run(os.pread, handle.fd, size, offset)
+        assert handle.fd is not None
+        return await self.backing.run_on(handle.fd, os.pread, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._handle(fh)
@@ -830,7 +841,8 @@ class MailFS:
             volatile.attrs.size = len(volatile.content)
             volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
             return len(data)
-        return await self.backing.run(os.pwrite, handle.fd, data, offset)
+        assert handle.fd is not None
+        return await self.backing.run_on(handle.fd, os.pwrite, data, offset)
 
     async def _sync_replicated(self) -> None:
         target = self.store.journal.seq
@@ -842,8 +854,9 @@ class MailFS:
         handle = self._handle(fh)
         if handle.node.kind is Kind.REPLICATED:
             await self._sync_replicated()
-        elif handle.node.kind is Kind.PASSTHROUGH:
-            await self.backing.run_waiting(os.fdatasync if datasync else os.fsync, handle.fd)
+        elif handle.fd is not None:
+            await self.backing.run_on(handle.fd, os.fdatasync if datasync else os.fsync,
+                                      waiting=True)
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
@@ -855,8 +868,8 @@ class MailFS:
             stored = self.store.cached(node.fid)
             if stored is not None:
                 stored.opens -= 1
-        if handle.fd >= 0:
-            await self.backing.run(os.close, handle.fd)
+        if handle.fd is not None:
+            await self.backing.run(handle.fd.close)
         self._maybe_release(node)
 
     # ------------------------------------------------------------------ directories
@@ -1017,13 +1030,14 @@ def _hardlink(source: bytes, target: bytes, parent: bytes) -> os.stat_result:
     return os.lstat(parent)
 
 
-def _apply_setattr(path: bytes, fd: int, size: int | None, mode: int | None, uid: int,
-                   gid: int, atime_ns: int | None, mtime_ns: int | None) -> os.stat_result:
+def _apply_setattr(path: bytes, fd: BackingFd | None, size: int | None, mode: int | None,
+                   uid: int, gid: int, atime_ns: int | None,
+                   mtime_ns: int | None) -> os.stat_result:
+    """Through the caller's open file where it has one: its name may be another file's now."""
+    if fd is not None:
+        return fd.call(_setattr_fd, size, mode, uid, gid, atime_ns, mtime_ns)
     if size is not None:
-        if fd >= 0:
-            os.ftruncate(fd, size)
-        else:
-            os.truncate(path, size)
+        os.truncate(path, size)
     if mode is not None:
         os.chmod(path, mode)
     if uid != -1 or gid != -1:
@@ -1034,6 +1048,21 @@ def _apply_setattr(path: bytes, fd: int, size: int | None, mode: int | None, uid
                            mtime_ns if mtime_ns is not None else current.st_mtime_ns),
                  follow_symlinks=False)
     return os.lstat(path)
+
+
+def _setattr_fd(fd: int, size: int | None, mode: int | None, uid: int, gid: int,
+                atime_ns: int | None, mtime_ns: int | None) -> os.stat_result:
+    if size is not None:
+        os.ftruncate(fd, size)
+    if mode is not None:
+        os.fchmod(fd, mode)
+    if uid != -1 or gid != -1:
+        os.fchown(fd, uid, gid)
+    if atime_ns is not None or mtime_ns is not None:
+        current = os.fstat(fd)
+        os.utime(fd, ns=(atime_ns if atime_ns is not None else current.st_atime_ns,
+                         mtime_ns if mtime_ns is not None else current.st_mtime_ns))
+    return os.fstat(fd)
 
 
 def _list_with_stats(path: bytes) -> list[tuple[bytes, os.stat_result]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from mailfs.cachemgr.backing import BackingFd
 from mailfs.cachemgr.records import Attrs
 
 ROOT = int(pyfuse3.ROOT_INODE)
@@ -71,7 +72,8 @@ class Node:
 class Handle:
     fh: int
     node: Node
-    fd: int = -1
+    # Passthrough files only; index and lock files are served from RAM.
+    fd: BackingFd | None = None
     append: bool = False
 
 
