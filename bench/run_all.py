@@ -327,8 +327,9 @@ def load_config(
     )
 
 
-def round_users(tag: str, clients: int) -> list[str]:
-    return [f"{tag}c{i}" for i in range(clients)]
+def round_users(tag: str, clients: int, per_user: int) -> list[str]:
+    """Fresh users for one round, each shared by `per_user` clients (the last by fewer)."""
+    return [f"{tag}c{i}" for i in range(-(-clients // max(1, per_user)))]
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -355,7 +356,7 @@ class Run:
         users = {
             user: PASSWORD
             for tag in ["w", *(f"r{r}" for r in range(args.rounds))]
-            for user in round_users(tag, args.clients)
+            for user in round_users(tag, args.clients, args.clients_per_user)
         }
         sides = [
             Side(backend, fmt, self.root / fmt / backend, users, list(args.mailfs_arg))
@@ -378,7 +379,8 @@ class Run:
                     assert side.dovecot is not None
                     self.log(f"{side.label}: warm-up {args.warmup:.0f} s")
                     config = load_config(
-                        args, side.dovecot.port, round_users("w", args.clients), args.warmup
+                        args, side.dovecot.port,
+                        round_users("w", args.clients, args.clients_per_user), args.warmup
                     )
                     self.run_one(side, config, -1, 0)
             for round_no in range(args.rounds):
@@ -388,7 +390,8 @@ class Run:
                         continue
                     assert side.dovecot is not None
                     config = load_config(
-                        args, side.dovecot.port, round_users(f"r{round_no}", args.clients),
+                        args, side.dovecot.port,
+                        round_users(f"r{round_no}", args.clients, args.clients_per_user),
                         args.duration,
                     )
                     figures = self.run_one(side, config, round_no, position)
@@ -581,7 +584,8 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
         "",
         "config:",
         f"  formats: {', '.join(formats)}; backends: {args.only or 'local, mailfs'}",
-        f"  {args.clients} client processes, one user each (fresh users every round), "
+        f"  {args.clients} client processes, {args.clients_per_user} per user "
+        "(fresh users every round), "
         f"{args.populate} messages pre-filled per user",
         f"  {args.rounds} rounds x {args.duration:g} s per backend, order alternating "
         f"(A,B / B,A), warm-up {args.warmup:g} s",
@@ -737,6 +741,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients-per-user", type=int, default=2,
+                        help="clients sharing one user's mailboxes (1: each its own user)")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first")
     parser.add_argument("--populate", type=int, default=60, help="messages per user up front")
     parser.add_argument("--formats", default="maildir,sdbox")
