@@ -29,7 +29,7 @@ from mailfs.control import ControlServer
 from mailfs.errors import UserError, ensure_directory
 from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
-from mailfs.fs.operations import REQUESTS, Operations
+from mailfs.fs.operations import ERROR_REPLIES, REQUESTS, Operations
 from mailfs.replication.identity import node_namespace
 from mailfs.replication.service import Replication
 
@@ -151,6 +151,7 @@ class Daemon:
             "healthy": self.backing.healthy() and not store.last_commit_error,
             "requests": dict(REQUESTS.most_common()),
             "requests_total": sum(REQUESTS.values()),
+            "error_replies": dict(ERROR_REPLIES.most_common()),
             "invalidations": self.fs.invalidator.sent,
             **({"replication": self.replication.replicator.status()}
                if self.replication is not None else {}),

@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 STALE_TIMEOUT = 1.0
 # Index files bigger than this on the backing path are not index files; leave them there.
 IMPORT_LIMIT = 1 << 30
-OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_APPEND
+# O_TRUNC is not stripped: libfuse negotiates atomic O_TRUNC, so the kernel sends no
+# setattr for it, drops its own pages and size, and expects open() to truncate.
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
 
 
 def oserror(code: int, what: str = "") -> OSError:
@@ -791,6 +793,8 @@ class MailFS:
     async def open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.kind in (Kind.REPLICATED, Kind.VOLATILE):
+            if flags & os.O_TRUNC:  # Linux truncates even with O_RDONLY, so do we
+                self._truncate_on_open(node)
             return self._open_node(node, flags)
         if node.kind is Kind.DIR:
             raise oserror(errno.EISDIR)
@@ -799,12 +803,31 @@ class MailFS:
                                                  self.backing.path(relative),
                                                  flags & ~OPEN_STRIP)
         version = (st.st_mtime_ns, st.st_size)
-        keep = version == node.cached_version
+        keep = version == node.cached_version and not flags & os.O_TRUNC
         node.cached_version = version
         handle = Handle(self._fh(), node, BackingFd(fd), bool(flags & os.O_APPEND))
         self.handles[handle.fh] = handle
         node.opens += 1
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)  # type: ignore[arg-type]
+
+    def _truncate_on_open(self, node: Node) -> None:
+        """open(O_TRUNC) of an index or lock file (the kernel already dropped its pages).
+
+        Ignoring it left the old bytes behind a shorter rewrite, and the kernel's idea of
+        the size (0) disagreed with ours: pages that other processes had mapped were cut
+        off under them (SIGBUS in Dovecot with several clients on one mailbox).
+        """
+        if node.kind is Kind.REPLICATED:
+            stored = self._stored(node)
+            if stored.size:
+                self.store.truncate(stored, 0)
+            return
+        volatile = node.volatile
+        assert volatile is not None
+        if volatile.content:
+            volatile.content.clear()
+            volatile.attrs.size = 0
+            volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)

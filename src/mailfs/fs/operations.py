@@ -23,6 +23,9 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # Requests served, by handler: the number that decides FUSE performance (see status).
 REQUESTS: Counter[str] = Counter()
+# "request errno-name" -> count of error replies, for status: a read or getattr failing
+# under an mmap'd file is a SIGBUS in the application, so these must be visible.
+ERROR_REPLIES: Counter[str] = Counter()
 
 
 def fuse_errors(handler: F) -> F:
@@ -36,7 +39,9 @@ def fuse_errors(handler: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            code = exc.errno or errno.EIO
+            ERROR_REPLIES[f"{name} {errno.errorcode.get(code, code)}"] += 1
+            raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("internal error in %s%r", name, args[1:])
             raise pyfuse3.FUSEError(errno.EIO) from None
