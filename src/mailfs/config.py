@@ -96,6 +96,11 @@ class Config:
     index_timeout: float = 300.0
     # Passthrough entries may change behind our back (other writers on the shared path).
     passthrough_timeout: float = 10.0
+    # libfuse's default makes the kernel re-read a page after every write to it (about one
+    # READ and one GETATTR per IMAP operation). mailfs invalidates what changes behind the
+    # kernel itself, and a passthrough file whose size or mtime changed at open is not
+    # served from the page cache, so the default is off.
+    auto_inval_data: bool = False
     backing_threads: int = 16
     backing_timeout: float = 60.0
     import_on_access: bool = True
@@ -140,7 +145,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "mount": {"backing": "path", "mountpoint": "path", "state_dir": "path", "run_dir": "path",
               "allow_other": "bool", "import_on_access": "bool"},
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
-              "passthrough_timeout": "seconds"},
+              "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
     "commit": {"interval": "seconds", "max_pending": "size"},
     "backing": {"threads": "count", "timeout": "seconds"},
     "classify": {"replicated": "patterns", "volatile": "patterns"},

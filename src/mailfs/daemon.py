@@ -27,6 +27,7 @@ from mailfs.cachemgr.metastore import MetaStore
 from mailfs.config import Config
 from mailfs.control import ControlServer
 from mailfs.errors import UserError, ensure_directory
+from mailfs.fs import session
 from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
 from mailfs.fs.operations import ERROR_REPLIES, REQUESTS, Operations
@@ -153,6 +154,7 @@ class Daemon:
             "requests_total": sum(REQUESTS.values()),
             "error_replies": dict(ERROR_REPLIES.most_common()),
             "invalidations": self.fs.invalidator.sent,
+            "fuse_session": session.status(),
             **({"replication": self.replication.replicator.status()}
                if self.replication is not None else {}),
         }
@@ -233,6 +235,14 @@ def mount_options(config: Config) -> set[str]:
     return options
 
 
+def choose_fuse_capabilities(config: Config) -> None:
+    if config.auto_inval_data:
+        return
+    problem = session.clear(session.AUTO_INVAL_DATA)
+    if problem is not None:
+        log.warning("auto_inval_data stays on (every write costs a re-read): %s", problem)
+
+
 def close_unmounted(daemon: Daemon) -> None:
     """After a start that failed once the store was recovered: a clean stop, not a crash."""
     with contextlib.suppress(OSError):
@@ -260,6 +270,7 @@ def run(config: Config, ready_fd: int | None = None) -> int:
         except UserError:
             close_unmounted(daemon)
             raise
+        choose_fuse_capabilities(config)
         try:
             pyfuse3.init(Operations(daemon.fs), str(config.mountpoint), mount_options(config))
         except RuntimeError as exc:
