@@ -122,6 +122,8 @@ class Config:
     sync_timeout: float = 5.0
     log_limit: int = 256 << 20
     reconnect_interval: float = 1.0
+    # Local changes wait this long while a peer's snapshot is installed, then get EAGAIN.
+    install_wait: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def control_socket(self) -> Path:
@@ -153,7 +155,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "replication": {"node_id": "name", "cluster": "name", "listen": "address",
                     "peers": "peers", "tls_cert": "path", "tls_key": "path", "tls_ca": "path",
                     "durability": "choice", "quorum": "count", "sync_timeout": "seconds",
-                    "log_limit": "size", "reconnect_interval": "seconds"},
+                    "log_limit": "size", "reconnect_interval": "seconds",
+                    "install_wait": "seconds"},
 }
 
 RENAMES = {

@@ -96,6 +96,7 @@ class Daemon:
             self.store, self.backing, Classifier(config.replicated, config.volatile),
             Timeouts(config.index_timeout, config.passthrough_timeout),
             import_on_access=config.import_on_access,
+            install_wait=config.install_wait,
         )
         self.replication: Replication | None = None
         if config.replication_enabled:

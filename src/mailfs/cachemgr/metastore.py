@@ -250,6 +250,8 @@ class MetaStore:
         self.replog_tail: list[LogEntry] = []
         self.replog_trim_through = 0
         self.installing = False
+        self.install_done = trio.Event()  # replaced at each install, set when it ends
+        self.install_done.set()
         self.committed = trio.Event()  # set and replaced after every commit
         # Whether the file system still refers to a file (a peer's DROP must wait then).
         self.in_use: Callable[[int], bool] = lambda fid: False
@@ -1121,6 +1123,7 @@ class MetaStore:
         """
         async with self._commit_lock:
             self.installing = True
+            self.install_done = trio.Event()
             try:
                 await self._commit_locked()
                 known = origin_seqs.get(self.node_id, 0)
@@ -1149,8 +1152,19 @@ class MetaStore:
                 await self._commit_locked()
             finally:
                 self.installing = False
+                self.install_done.set()
             self.committed.set()  # the installed applied seqs are committed: ack them
             self.committed = trio.Event()
+
+    async def wait_installed(self, timeout: float) -> None:
+        """Let a local change wait out a snapshot install instead of failing.
+
+        Called before a request checks anything: no await may come between its check and
+        its change. After `timeout` the change is tried anyway and gets EAGAIN.
+        """
+        with trio.move_on_after(timeout):
+            while self.installing:
+                await self.install_done.wait()
 
     def can_reapply_after(self, seq: int) -> bool:
         """Whether every own change after `seq` is still in the replication log."""

@@ -85,12 +85,15 @@ class MailFS:
         classifier: Classifier,
         timeouts: Timeouts,
         import_on_access: bool = True,
+        install_wait: float = 30.0,
     ) -> None:
         self.store = store
         self.backing = backing
         self.classifier = classifier
         self.timeouts = timeouts
         self.import_on_access = import_on_access
+        # How long a change waits while a peer's snapshot is installed, before EAGAIN.
+        self.install_wait = install_wait
         self.table = InodeTable()
         self.volatile: dict[tuple[bytes, bytes], VolatileFile] = {}
         self.handles: dict[int, Handle] = {}
@@ -104,6 +107,11 @@ class MailFS:
         store.in_use = self.table.fid_inode.__contains__
 
     # ------------------------------------------------------------------ helpers
+
+    async def _changes_allowed(self) -> None:
+        """Wait out a snapshot install (bounded): Dovecot takes EAGAIN as an I/O error."""
+        if self.store.installing:
+            await self.store.wait_installed(self.install_wait)
 
     def _fh(self) -> int:
         fh = self._next_fh
@@ -437,6 +445,7 @@ class MailFS:
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      caller: Caller) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        await self._changes_allowed()
         parent = self._dir(parent_inode)
         cls = self.classifier.classify(name)
         if cls is FileClass.PASSTHROUGH:
@@ -481,6 +490,7 @@ class MailFS:
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     caller: Caller) -> pyfuse3.EntryAttributes:
+        await self._changes_allowed()
         parent = self._dir(parent_inode)
         if self.classifier.classify(name) is not FileClass.PASSTHROUGH:
             log.warning("refusing mkdir of %r: the name belongs to an index or lock file", name)
@@ -500,6 +510,7 @@ class MailFS:
     # ------------------------------------------------------------------ unlink / rmdir
 
     async def unlink(self, parent_inode: int, name: bytes) -> None:
+        await self._changes_allowed()
         parent = self._dir(parent_inode)
         cls = self.classifier.classify(name)
         dirpath = self.table.dirpath(parent)
@@ -541,6 +552,7 @@ class MailFS:
             self._maybe_release(node)
 
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
+        await self._changes_allowed()
         parent = self._dir(parent_inode)
         relative = self.table.child_path(parent, name)
         if self.import_on_access and not self.store.is_imported(relative):
@@ -566,6 +578,7 @@ class MailFS:
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
+        await self._changes_allowed()
         src_dir, dst_dir = self._dir(old_parent), self._dir(new_parent)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise oserror(errno.EINVAL, "RENAME_EXCHANGE is not supported")
@@ -670,6 +683,7 @@ class MailFS:
 
     async def link(self, inode: int, new_parent: int, new_name: bytes
                    ) -> pyfuse3.EntryAttributes:
+        await self._changes_allowed()
         node = self._node(inode)
         parent = self._dir(new_parent)
         dst_cls = self.classifier.classify(new_name)
@@ -719,6 +733,7 @@ class MailFS:
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       caller: Caller) -> pyfuse3.EntryAttributes:
+        await self._changes_allowed()
         node = self._node(inode)
         if node.kind is Kind.REPLICATED:
             stored = self._stored(node)
@@ -791,6 +806,8 @@ class MailFS:
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True)  # type: ignore[arg-type]
 
     async def open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+        if flags & os.O_TRUNC:
+            await self._changes_allowed()
         node = self._node(inode)
         if node.kind in (Kind.REPLICATED, Kind.VOLATILE):
             if flags & os.O_TRUNC:  # Linux truncates even with O_RDONLY, so do we
@@ -848,6 +865,7 @@ class MailFS:
         return await self.backing.run_on(handle.fd, os.pread, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
+        await self._changes_allowed()
         handle = self._handle(fh)
         node = handle.node
         if node.kind is Kind.REPLICATED:
