@@ -1118,8 +1118,8 @@ class MetaStore:
         from the replication log, which keeps them until every peer has them; the install
         transaction records the snapshot's own seq, so a crash before the re-applied
         changes are committed re-applies them at the next mount. Local changes wait
-        (`wait_installed`) until that commit, and are refused (EAGAIN) if one comes anyway. If the log no longer has them: SnapshotStale, and
-        nothing changes.
+        (`wait_installed`) until that commit, and are refused (EAGAIN) if one comes anyway.
+        If the log no longer has them: SnapshotStale, and nothing changes.
         """
         async with self._commit_lock:
             self.installing = True
