@@ -50,8 +50,11 @@ MAX_LOG_LINES = 8  # Dovecot/mailfs problem lines quoted per round
 # Counters from `mailfs status` worth dividing by the number of IMAP operations.
 MAILFS_COUNTERS = (
     "backing_calls", "backing_errors", "backing_timeouts", "ram_hits", "ram_misses", "commits",
-    "commit_errors", "evictions",
+    "commit_errors", "evictions", "requests_total",
 )
+# FUSE requests per IMAP operation, by kind (from status "requests").
+REQUEST_KINDS = ("getattr", "read", "write", "lookup", "open", "release")
+COUNTER_COLUMNS = (*MAILFS_COUNTERS, *(f"req_{kind}" for kind in REQUEST_KINDS))
 
 
 # -- CPU accounting from /proc ------------------------------------------------------------
@@ -312,10 +315,15 @@ def mailfs_counters(mountpoint: Path) -> dict[str, float] | None:
         return None
     if not isinstance(status, dict):
         return None
-    return {
+    counters = {
         key: float(status[key]) for key in MAILFS_COUNTERS
         if isinstance(status.get(key), int | float)
     }
+    requests = status.get("requests")
+    if isinstance(requests, dict):
+        counters |= {f"req_{name}": float(count) for name, count in requests.items()
+                     if name in REQUEST_KINDS}
+    return counters
 
 
 def load_config(
@@ -641,12 +649,12 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
                     if r.fmt == fmt and r.mailfs_counters and not r.failed]
         if measured:
             counter_rows.append([fmt] + [
-                fmt_num(median([m[key] for m in measured if key in m]), 2)
-                for key in MAILFS_COUNTERS
+                fmt_num(median([m[key] for m in measured if key in m] or [0.0]), 2)
+                for key in COUNTER_COLUMNS
             ])
     if counter_rows:
         lines += ["", "mailfs daemon counters per IMAP operation (mailfs status, round median):"]
-        lines += table(["format", *MAILFS_COUNTERS], counter_rows)
+        lines += table(["format", *COUNTER_COLUMNS], counter_rows)
     for fmt in formats:
         merged: dict[str, dict[str, dict[str, float]]] = {b: {} for b in BACKENDS}
         for r in run.rounds:
