@@ -760,9 +760,11 @@ class MailFS:
             relative = self.table.child_path(self.table.nodes[node.parent], node.name)
         handle = self.handles.get(fh) if fh is not None else None
         fd = handle.fd if handle is not None else None
-        if fd is None and node.kind is Kind.PASSTHROUGH:
+        if fd is None and node.kind is Kind.PASSTHROUGH and node.detached:
+            # Its name is another file's now; only an open handle still reaches it (a
+            # read-only one cannot truncate: EINVAL, as for ftruncate on such an fd).
             fd = self._open_fd(node)
-            if fd is None and node.detached:
+            if fd is None:
                 raise oserror(errno.ESTALE)
         st = await self.backing.run(
             _apply_setattr, self.backing.path(relative), fd,
