@@ -107,13 +107,14 @@ class BackingFd:
 
 
 class _Job:
-    __slots__ = ("abandoned", "args", "cleanup", "done", "fn", "result", "started", "task",
-                 "waiting")
+    __slots__ = ("abandoned", "args", "cleanup", "done", "fn", "name", "result", "started",
+                 "task", "waiting")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[object, ...],
                  task: trio.lowlevel.Task | None,
-                 cleanup: Callable[[Any], object] | None = None) -> None:
+                 cleanup: Callable[[Any], object] | None = None, name: str = "") -> None:
         self.fn = fn
+        self.name = name or fn.__name__  # the syscall, also when it runs through a BackingFd
         self.args = args
         self.task = task
         # Undoes a result that arrives after its caller was failed (closes an opened fd).
@@ -203,7 +204,7 @@ class Backing:
         try:
             job.cleanup(result.value)
         except OSError as exc:
-            log.warning("cleaning up after the late %s failed: %s", job.fn.__name__, exc)
+            log.warning("cleaning up after the late %s failed: %s", job.name, exc)
 
     def _deliver(self, job: _Job, result: outcome.Outcome[Any]) -> None:
         self._in_flight.discard(job)
@@ -227,7 +228,7 @@ class Backing:
             self.stats.last_timeout = time.time()
             log.error("backing store call %s did not return within %.0fs; failing it with "
                       "EIO (the thread stays blocked until the backing store answers)",
-                      job.fn.__name__, self.timeout)
+                      job.name, self.timeout)
             if job.task is not None:
                 trio.lowlevel.reschedule(
                     job.task, outcome.Error(OSError(errno.EIO, "backing store timed out")))
@@ -253,9 +254,9 @@ class Backing:
 
     async def _run(self, fn: Callable[..., T], args: tuple[object, ...], quick: bool,
                    cleanup: Callable[[T], object] | None = None, name: str = "") -> T:
+        job = _Job(fn, args, trio.lowlevel.current_task(), cleanup, name)
         self.stats.calls += 1
-        self.stats.by_call[name or fn.__name__] += 1
-        job = _Job(fn, args, trio.lowlevel.current_task(), cleanup)
+        self.stats.by_call[job.name] += 1
         if quick:
             answer = self._wait_briefly(job)
             if answer is not None:

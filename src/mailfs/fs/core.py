@@ -867,10 +867,10 @@ class MailFS:
         return await self.backing.run_on(handle.fd, os.pread, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        await self._changes_allowed()
         handle = self._handle(fh)
         node = handle.node
         if node.kind is Kind.REPLICATED:
+            await self._changes_allowed()
             stored = self._stored(node)
             self.store.write(stored, stored.size if handle.append else offset, data)
             return len(data)
@@ -1078,34 +1078,26 @@ def _apply_setattr(path: bytes, fd: BackingFd | None, size: int | None, mode: in
                    mtime_ns: int | None) -> os.stat_result:
     """Through the caller's open file where it has one: its name may be another file's now."""
     if fd is not None:
-        return fd.call(_setattr_fd, size, mode, uid, gid, atime_ns, mtime_ns)
-    if size is not None:
-        os.truncate(path, size)
-    if mode is not None:
-        os.chmod(path, mode)
-    if uid != -1 or gid != -1:
-        os.lchown(path, uid, gid)
-    if atime_ns is not None or mtime_ns is not None:
-        current = os.lstat(path)
-        os.utime(path, ns=(atime_ns if atime_ns is not None else current.st_atime_ns,
-                           mtime_ns if mtime_ns is not None else current.st_mtime_ns),
-                 follow_symlinks=False)
-    return os.lstat(path)
+        return fd.call(_set_attributes, size, mode, uid, gid, atime_ns, mtime_ns)
+    return _set_attributes(path, size, mode, uid, gid, atime_ns, mtime_ns)
 
 
-def _setattr_fd(fd: int, size: int | None, mode: int | None, uid: int, gid: int,
-                atime_ns: int | None, mtime_ns: int | None) -> os.stat_result:
+def _set_attributes(target: bytes | int, size: int | None, mode: int | None, uid: int,
+                    gid: int, atime_ns: int | None, mtime_ns: int | None) -> os.stat_result:
+    """On an open fd, or on a path without following a symlink at its end."""
+    follow = isinstance(target, int)  # an fd has no symlink to follow; a path must not
     if size is not None:
-        os.ftruncate(fd, size)
+        os.truncate(target, size)
     if mode is not None:
-        os.fchmod(fd, mode)
+        os.chmod(target, mode)
     if uid != -1 or gid != -1:
-        os.fchown(fd, uid, gid)
+        os.chown(target, uid, gid, follow_symlinks=follow)
     if atime_ns is not None or mtime_ns is not None:
-        current = os.fstat(fd)
-        os.utime(fd, ns=(atime_ns if atime_ns is not None else current.st_atime_ns,
-                         mtime_ns if mtime_ns is not None else current.st_mtime_ns))
-    return os.fstat(fd)
+        current = os.stat(target, follow_symlinks=follow)
+        os.utime(target, ns=(atime_ns if atime_ns is not None else current.st_atime_ns,
+                             mtime_ns if mtime_ns is not None else current.st_mtime_ns),
+                 follow_symlinks=follow)
+    return os.stat(target, follow_symlinks=follow)
 
 
 def _list_with_stats(path: bytes) -> list[tuple[bytes, os.stat_result]]:
