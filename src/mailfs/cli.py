@@ -30,9 +30,13 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"mailfs {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
 
-    mount = sub.add_parser("mount", help="mount a mailfs overlay over a backing path")
-    mount.add_argument("backing", type=Path)
-    mount.add_argument("mountpoint", type=Path)
+    mount = sub.add_parser(
+        "mount", help="mount a mailfs overlay over a backing path, or an index-only mount",
+        usage="mailfs mount [--index-only] [BACKING] MOUNTPOINT [options]")
+    mount.add_argument("paths", type=Path, nargs="+", metavar="[BACKING] MOUNTPOINT")
+    mount.add_argument("--index-only", action="store_true",
+                       help="no backing path: every file and directory in the meta store "
+                            "(for Dovecot's INDEX= and CONTROL=)")
     mount.add_argument("--config", type=Path, help=f"TOML config (default {DEFAULT_CONFIG} "
                                                    "if it exists)")
     mount.add_argument("--state-dir", type=Path, help="LMDB and journal directory")
@@ -92,9 +96,13 @@ def mount_config(args: argparse.Namespace) -> Config:
     config_file = args.config or (Path(options.pop("config")) if "config" in options else None)
     if config_file is None and DEFAULT_CONFIG.exists():
         config_file = DEFAULT_CONFIG
-    values: dict[str, object] = {
-        "backing": args.backing.absolute(), "mountpoint": args.mountpoint.absolute(),
-    }
+    if len(args.paths) > 2:
+        raise UserError("mount takes BACKING MOUNTPOINT, or MOUNTPOINT with --index-only")
+    values: dict[str, object] = {"mountpoint": args.paths[-1].absolute()}
+    if len(args.paths) == 2:
+        values["backing"] = args.paths[0].absolute()
+    if args.index_only:
+        values["mode"] = "index-only"
     apply_overrides(values, options)
     if args.state_dir:
         values["state_dir"] = args.state_dir.absolute()
@@ -145,7 +153,9 @@ def spawn_background(args: argparse.Namespace, config: Config) -> int:
         raise UserError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
     argv = [
-        sys.executable, "-m", "mailfs", "mount", str(config.backing), str(config.mountpoint),
+        sys.executable, "-m", "mailfs", "mount",
+        *(["--index-only"] if config.mode == "index-only" else [str(config.backing)]),
+        str(config.mountpoint),
         "--state-dir", str(config.state_dir), "--run-dir", str(config.run_dir),
         "--foreground", "--ready-fd", str(write_end),
         *(["--config", str(args.config)] if args.config else []),
@@ -346,7 +356,9 @@ def mount_helper_main(argv: Sequence[str] | None = None) -> int:
     if len(positional) != 2:
         print("usage: mount.mailfs BACKING MOUNTPOINT [-o key=value,...]", file=sys.stderr)
         return EXIT_USER_ERROR
-    forwarded = ["mount", *positional]
+    # An index-only fstab line has no backing path; its source field is a mere label.
+    index_only = "mode=index-only" in options
+    forwarded = ["mount", *(positional[1:] if index_only else positional)]
     for option in options:
         key, _, value = option.partition("=")
         if key in ("state_dir", "config", "run_dir"):

@@ -83,6 +83,9 @@ def parse_peer(value: object, key: str) -> Peer:
 
 @dataclass(frozen=True)
 class Config:
+    # "full": the whole mail_location, mail passed through to `backing`. "index-only":
+    # Dovecot's INDEX/CONTROL only; every file and directory in the meta store, no backing.
+    mode: str = "full"
     backing: Path = Path()
     mountpoint: Path = Path()
     state_dir: Path = Path("/var/lib/mailfs")
@@ -144,7 +147,8 @@ def control_socket_for(run_dir: Path, mountpoint: Path) -> Path:
 
 # TOML layout: [mount] [cache] [commit] [backing] [classify] [log] [replication]
 SECTIONS: dict[str, dict[str, str]] = {
-    "mount": {"backing": "path", "mountpoint": "path", "state_dir": "path", "run_dir": "path",
+    "mount": {"mode": "choice", "backing": "path", "mountpoint": "path", "state_dir": "path",
+              "run_dir": "path",
               "allow_other": "bool", "import_on_access": "bool"},
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
               "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
@@ -169,7 +173,7 @@ RENAMES = {
 
 LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 # Allowed values of "choice" keys, by field name.
-CHOICES = {"durability": ("async", "sync")}
+CHOICES = {"durability": ("async", "sync"), "mode": ("full", "index-only")}
 
 
 def convert(kind: str, key: str, value: object, name: str = "") -> object:
@@ -316,6 +320,11 @@ def build(config_file: Path | None, overrides: dict[str, object]) -> Config:
 
 
 def validate(config: Config) -> None:
+    if config.mode == "index-only" and str(config.backing) not in ("", "."):
+        raise UserError("config: an index-only mount has no backing path; give only the "
+                        "mountpoint")
+    if config.mode == "full" and str(config.backing) in ("", "."):
+        raise UserError("config: a full mount needs a backing path (or mode = index-only)")
     if config.commit_interval <= 0:
         raise UserError("config: commit.interval must be above 0")
     if config.backing_threads < 1:

@@ -30,6 +30,7 @@ from mailfs.errors import UserError, ensure_directory
 from mailfs.fs import session
 from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
+from mailfs.fs.indexonly import IndexOnlyFS
 from mailfs.fs.operations import ERROR_REPLIES, REQUESTS, Operations
 from mailfs.replication.identity import node_namespace
 from mailfs.replication.service import Replication
@@ -58,7 +59,7 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
 def check_paths(config: Config) -> None:
     if os.geteuid() != 0:
         raise UserError("mailfs must run as root (it mounts with allow_other and sets owners)")
-    if not config.backing.is_dir():
+    if config.mode == "full" and not config.backing.is_dir():
         raise UserError(f"backing path {config.backing} does not exist or is not a directory")
     if mounts.is_dead_mailfs_mount(config.mountpoint, config.control_socket()):
         # A daemon that died (kill -9, OOM) leaves its mount behind; its journal has the
@@ -75,7 +76,8 @@ def check_paths(config: Config) -> None:
         raise UserError(f"mountpoint {config.mountpoint} does not exist or is not a directory")
     if os.path.ismount(config.mountpoint):
         raise UserError(f"mountpoint {config.mountpoint} is already in use by another mount")
-    if os.path.realpath(config.backing) == os.path.realpath(config.mountpoint):
+    if config.mode == "full" and (os.path.realpath(config.backing)
+                                  == os.path.realpath(config.mountpoint)):
         raise UserError("backing path and mountpoint must differ")
 
 
@@ -91,13 +93,24 @@ class Daemon:
             namespace=node_namespace(config.node_id) if config.replication_enabled else 0,
             replicating=config.replication_enabled, log_limit=config.log_limit,
         )
-        self.backing = Backing(config.backing, config.backing_threads, config.backing_timeout)
-        self.fs = MailFS(
-            self.store, self.backing, Classifier(config.replicated, config.volatile),
-            Timeouts(config.index_timeout, config.passthrough_timeout),
-            import_on_access=config.import_on_access,
-            install_wait=config.install_wait,
-        )
+        self.index_only = config.mode == "index-only"
+        timeouts = Timeouts(config.index_timeout, config.passthrough_timeout)
+        if self.index_only:
+            # Never served: no worker threads and no probe; no request reaches it.
+            self.backing = Backing(config.state_dir, 1, config.backing_timeout)
+            self.fs: MailFS = IndexOnlyFS(
+                self.store, self.backing, Classifier(("*",), config.volatile), timeouts,
+                import_on_access=False, install_wait=config.install_wait,
+                root_stat=os.stat(config.mountpoint), state_dir=str(config.state_dir),
+            )
+        else:
+            self.backing = Backing(config.backing, config.backing_threads,
+                                   config.backing_timeout)
+            self.fs = MailFS(
+                self.store, self.backing, Classifier(config.replicated, config.volatile),
+                timeouts, import_on_access=config.import_on_access,
+                install_wait=config.install_wait,
+            )
         self.replication: Replication | None = None
         if config.replication_enabled:
             self.replication = Replication(config, self.store, self.fs)
@@ -123,14 +136,28 @@ class Daemon:
             raise UserError(f"cannot serve metrics on 127.0.0.1:{self.config.metrics_port}: "
                             f"{exc.strerror}") from None
 
-    def status(self) -> dict[str, Any]:
+    def _backing_status(self) -> dict[str, Any]:
+        if self.index_only:
+            return {}
         backing = self.backing.stats
+        return {
+            "backing": str(self.config.backing),
+            "backing_calls": backing.calls,
+            "backing_calls_by_op": dict(backing.by_call.most_common()),
+            "backing_errors": backing.errors,
+            "backing_timeouts": backing.timeouts,
+            "backing_stalled_calls": self.backing.stalled_calls(),
+            "backing_healthy": self.backing.healthy(),
+        }
+
+    def status(self) -> dict[str, Any]:
         store = self.store.stats
+        healthy_backing = self.index_only or self.backing.healthy()
         return {
             "version": __version__,
+            "mode": self.config.mode,
             "pid": os.getpid(),
             "mountpoint": str(self.config.mountpoint),
-            "backing": str(self.config.backing),
             "state_dir": str(self.config.state_dir),
             "uptime_seconds": round(time.time() - self.started, 1),
             **self.store.counts(),
@@ -144,13 +171,8 @@ class Daemon:
             "journal_errors": store.journal_errors,
             "last_commit_error": store.last_commit_error,
             "replayed_records": store.replayed_records,
-            "backing_calls": backing.calls,
-            "backing_calls_by_op": dict(backing.by_call.most_common()),
-            "backing_errors": backing.errors,
-            "backing_timeouts": backing.timeouts,
-            "backing_stalled_calls": self.backing.stalled_calls(),
-            "backing_healthy": self.backing.healthy(),
-            "healthy": self.backing.healthy() and not store.last_commit_error,
+            **self._backing_status(),
+            "healthy": healthy_backing and not store.last_commit_error,
             "requests": dict(REQUESTS.most_common()),
             "requests_total": sum(REQUESTS.values()),
             "error_replies": dict(ERROR_REPLIES.most_common()),
@@ -177,12 +199,19 @@ class Daemon:
     async def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
+    def _needs_backing(self, what: str) -> None:
+        if self.index_only:
+            raise UserError(f"{what} works on the backing path, and an index-only mount has "
+                            "none")
+
     async def _import(self, _request: dict[str, Any]) -> dict[str, Any]:
+        self._needs_backing("import")
         imported = await self.fs.import_tree()
         await self.store.sync()
         return {"imported": imported}
 
     async def _export(self, _request: dict[str, Any]) -> dict[str, Any]:
+        self._needs_backing("export")
         return {"exported": await self.fs.export_tree()}
 
     async def main(self, ready_fd: int | None, control_socket: Path) -> None:
@@ -192,7 +221,8 @@ class Daemon:
             "unmount_check": self._unmount_check,
         })
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.backing.serve)
+            if not self.index_only:
+                await nursery.start(self.backing.serve)
             await nursery.start(self.store.run_committer)
             await nursery.start(self.fs.invalidator.run)
             if self.replication is not None:
@@ -201,8 +231,8 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             self._token = trio.lowlevel.current_trio_token()
             report_ready(ready_fd, "ok")
-            log.info("mailfs %s mounted %s over %s", __version__, self.config.mountpoint,
-                     self.config.backing)
+            log.info("mailfs %s mounted %s %s", __version__, self.config.mountpoint,
+                     "index-only" if self.index_only else f"over {self.config.backing}")
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
@@ -230,7 +260,8 @@ def report_ready(ready_fd: int | None, message: str) -> None:
 
 def mount_options(config: Config) -> set[str]:
     options = set(pyfuse3.default_options)
-    options |= {f"fsname=mailfs:{config.backing}", "subtype=mailfs", "noatime"}
+    source = "index-only" if config.mode == "index-only" else config.backing
+    options |= {f"fsname=mailfs:{source}", "subtype=mailfs", "noatime"}
     if config.allow_other:
         options.add("allow_other")
     return options

@@ -1,0 +1,248 @@
+"""Index-only mounts: every file *and directory* lives in the meta store; no backing path.
+
+Dovecot's INDEX= and CONTROL= point here while it reads mail straight from the shared
+store, so this mount holds only index and control files, and the directories around them.
+Directories are stored files with an S_IFDIR mode under their parent's path, so they are
+journaled, committed and replicated by the same records as index files (CREATE, RENAME,
+RENAME_DIR, UNLINK, SETATTR); their inode numbers are `REPLICATED_BASE + fid`, stable
+across remounts. Lock names stay volatile (RAM, this node only); every other name is
+replicated, whatever it is called (the classifier is built with `*` as its pattern).
+
+The mount root has no store entry: it shows the owner and mode of the mountpoint directory
+underneath, so an admin sets them there (the same on every node) before mounting.
+
+Atomicity: as in MailFS, no `await` comes between a check and the change it guards; the
+only await in a changing request is `_changes_allowed`, before anything is checked.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pyfuse3
+
+from mailfs.cachemgr.records import Attrs
+from mailfs.fs.classifier import FileClass
+from mailfs.fs.core import Caller, DirListing, MailFS, oserror
+from mailfs.fs.nodes import REPLICATED_BASE, ROOT, Kind, Node
+
+# A directory's stored nlink is 1 (its one name); stat shows the customary 2.
+DIR_NLINK = 2
+
+
+class IndexOnlyFS(MailFS):
+    def __init__(self, *args: object, root_stat: os.stat_result, state_dir: str,
+                 **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.root_stat = root_stat
+        self.state_dir = state_dir
+
+    # ------------------------------------------------------------------ nodes
+
+    def _stored_dir(self, dirpath: bytes, name: bytes) -> int | None:
+        fid = self.store.lookup(dirpath, name)
+        if fid is not None and stat.S_ISDIR(self.store.get(fid).attrs.mode):
+            return fid
+        return None
+
+    def _dir_node(self, parent: Node, name: bytes, fid: int) -> Node:
+        inode = REPLICATED_BASE + fid
+        node = self.table.nodes.get(inode)
+        if node is None:
+            node = Node(inode, Kind.DIR, parent=parent.inode, name=name, fid=fid,
+                        import_checked=True)
+            self.table.nodes[inode] = node
+            self.table.fid_inode[fid] = inode
+            parent.children += 1
+        elif (node.parent, node.name) != (parent.inode, name):
+            # Renamed by a peer: the kernel learns the new place from this lookup.
+            self.table.move(node, (node.parent, node.name), (parent.inode, name))
+        self.table.entries[(parent.inode, name)] = inode
+        return node
+
+    def _node_for(self, parent: Node, name: bytes, fid: int) -> Node:
+        if stat.S_ISDIR(self.store.get(fid).attrs.mode):
+            return self._dir_node(parent, name, fid)
+        return self.table.replicated(fid)
+
+    def _dir_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.inode == ROOT:
+            st = self.root_stat
+            return self._entry(node, self.timeouts.index, st.st_mode, DIR_NLINK, st.st_uid,
+                               st.st_gid, 0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+        attrs = self.store.get(node.fid).attrs
+        return self._entry(node, self.timeouts.index, attrs.mode, DIR_NLINK, attrs.uid,
+                           attrs.gid, 0, attrs.atime_ns, attrs.mtime_ns, attrs.ctime_ns)
+
+    def _maybe_release(self, node: Node) -> None:
+        if node.kind is not Kind.DIR or node.inode == ROOT:
+            super()._maybe_release(node)
+            return
+        if node.lookups or node.children:
+            return
+        self.table.forget_placed(node)
+        self.table.fid_inode.pop(node.fid, None)
+        try:
+            gone = self.store.get(node.fid).attrs.nlink == 0
+        except FileNotFoundError:
+            return
+        if gone:
+            self.store.drop(node.fid)
+
+    # ------------------------------------------------------------------ lookup / getattr
+
+    async def lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        if name in (b".", b"..") or self.classifier.classify(name) is FileClass.VOLATILE:
+            return await super().lookup(parent_inode, name)
+        fid = self.store.lookup(self.table.dirpath(parent), name)
+        if fid is None:
+            return self._negative(self.timeouts.index)
+        node = self._node_for(parent, name, fid)
+        node.lookups += 1
+        if node.kind is Kind.DIR:
+            return self._dir_entry(node)
+        return self._attrs_entry(node, self._stored(node).attrs)
+
+    async def getattr(self, inode: int, count_lookup: bool = False) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.kind is not Kind.DIR:
+            return await super().getattr(inode, count_lookup)
+        self.getattr_by_kind[node.kind.value] += 1
+        if count_lookup:
+            node.lookups += 1
+        return self._dir_entry(node)
+
+    async def list_directory(self, listing: DirListing
+                             ) -> list[tuple[bytes, pyfuse3.EntryAttributes, Node]]:
+        parent = listing.node
+        dirpath = self.table.dirpath(parent)
+        result: list[tuple[bytes, pyfuse3.EntryAttributes, Node]] = []
+        for name, fid in sorted(self.store.names_in(dirpath).items()):
+            node = self._node_for(parent, name, fid)
+            entry = (self._dir_entry(node) if node.kind is Kind.DIR
+                     else self._attrs_entry(node, self._stored(node).attrs))
+            result.append((name, entry, node))
+        for (volatile_dir, name), volatile in sorted(self.volatile.items()):
+            if volatile_dir == dirpath:
+                node = self.table.nodes[volatile.inode]
+                result.append((name, self._attrs_entry(node, volatile.attrs), node))
+        return result
+
+    # ------------------------------------------------------------------ directories
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    caller: Caller) -> pyfuse3.EntryAttributes:
+        await self._changes_allowed()
+        parent = self._dir(parent_inode)
+        if self.classifier.classify(name) is FileClass.VOLATILE:
+            raise oserror(errno.EPERM, "name reserved for lock files")
+        dirpath = self.table.dirpath(parent)
+        if self.store.lookup(dirpath, name) is not None:
+            raise oserror(errno.EEXIST)
+        stored = self.store.create(dirpath, name, stat.S_IFDIR | (mode & 0o7777 & ~caller.umask),
+                                   caller.uid, caller.gid)
+        node = self._dir_node(parent, name, stored.fid)
+        node.lookups += 1
+        return self._dir_entry(node)
+
+    async def rmdir(self, parent_inode: int, name: bytes) -> None:
+        await self._changes_allowed()
+        parent = self._dir(parent_inode)
+        dirpath = self.table.dirpath(parent)
+        fid = self.store.lookup(dirpath, name)
+        if fid is None:
+            raise oserror(errno.ENOENT)
+        if self._stored_dir(dirpath, name) is None:
+            raise oserror(errno.ENOTDIR)
+        path = self.table.child_path(parent, name)
+        if self.store.names_in(path) or self._volatile_in(path):
+            raise oserror(errno.ENOTEMPTY)
+        self.store.unlink(dirpath, name)
+        self.table.unplace(parent.inode, name)
+        self._release_if_unused(fid)
+
+    async def unlink(self, parent_inode: int, name: bytes) -> None:
+        parent = self._dir(parent_inode)
+        if self._stored_dir(self.table.dirpath(parent), name) is not None:
+            raise oserror(errno.EISDIR)
+        await super().unlink(parent_inode, name)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int) -> None:
+        await self._changes_allowed()
+        src_dir, dst_dir = self._dir(old_parent), self._dir(new_parent)
+        src_path, dst_path = self.table.dirpath(src_dir), self.table.dirpath(dst_dir)
+        moving = self._stored_dir(src_path, old_name)
+        if moving is None:
+            if (self._stored_dir(dst_path, new_name) is not None
+                    and self.store.lookup(src_path, old_name) is not None):
+                raise oserror(errno.EISDIR)
+            await super().rename(old_parent, old_name, new_parent, new_name, flags)
+            return
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise oserror(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        old = self.table.child_path(src_dir, old_name)
+        new = self.table.child_path(dst_dir, new_name)
+        if new == old:
+            return
+        if new.startswith(old + b"/"):
+            raise oserror(errno.EINVAL, "a directory cannot move into itself")
+        if self.classifier.classify(new_name) is FileClass.VOLATILE:
+            raise oserror(errno.EPERM, "name reserved for lock files")
+        replaced = self.store.lookup(dst_path, new_name)
+        if replaced is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise oserror(errno.EEXIST)
+            if self._stored_dir(dst_path, new_name) is None:
+                raise oserror(errno.ENOTDIR)
+            if self.store.names_in(new) or self._volatile_in(new):
+                raise oserror(errno.ENOTEMPTY)
+        self.store.rename(src_path, old_name, dst_path, new_name)
+        self.store.rename_dir(old, new)
+        self._rename_volatile_dir(old, new)
+        node = self.table.nodes.get(REPLICATED_BASE + moving)
+        self.table.unplace(dst_dir.inode, new_name)
+        if node is not None:
+            self.table.move(node, (src_dir.inode, old_name), (dst_dir.inode, new_name))
+        if replaced is not None:
+            self._release_if_unused(replaced)
+
+    async def link(self, inode: int, new_parent: int, new_name: bytes
+                   ) -> pyfuse3.EntryAttributes:
+        if self._node(inode).kind is Kind.DIR:
+            raise oserror(errno.EPERM, "directories cannot be hard-linked")
+        return await super().link(inode, new_parent, new_name)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      caller: Caller) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.kind is not Kind.DIR:
+            return await super().setattr(inode, attr, fields, fh, caller)
+        await self._changes_allowed()
+        if node.inode == ROOT:
+            raise oserror(errno.EPERM, "set the mount root's owner and mode on the mountpoint "
+                                       "directory, before mounting")
+        if fields.update_size:
+            raise oserror(errno.EISDIR)
+        stored = self._stored(node)
+        new: Attrs = self._updated_attrs(stored.attrs, attr, fields)
+        if new != stored.attrs:
+            self.store.set_attrs(stored, new)
+        return self._dir_entry(node)
+
+    async def fsyncdir(self, fh: int) -> None:
+        if fh not in self.dir_handles:
+            raise oserror(errno.EBADF)
+        await self._sync_replicated()
+
+    async def statfs(self) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.state_dir)  # local disk: fast enough for the trio thread
+        data = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, attr, getattr(st, attr))
+        return data
