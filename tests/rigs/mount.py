@@ -42,11 +42,14 @@ def force_unmount(path: Path) -> None:
 
 
 class MailfsMount:
-    """One mailfs daemon in the foreground, its stderr captured to a log file."""
+    """One mailfs daemon in the foreground, its stderr captured to a log file.
+
+    `backing` None makes an index-only mount.
+    """
 
     def __init__(
         self,
-        backing: Path,
+        backing: Path | None,
         mountpoint: Path,
         state_dir: Path,
         extra_args: Sequence[str] = (),
@@ -61,11 +64,13 @@ class MailfsMount:
 
     def start(self) -> MailfsMount:
         for path in (self.backing, self.mountpoint, self.state_dir):
-            path.mkdir(parents=True, exist_ok=True)
+            if path is not None:
+                path.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its life
         self.process = subprocess.Popen(
             mailfs_cmd(
-                "mount", str(self.backing), str(self.mountpoint),
+                "mount", *([str(self.backing)] if self.backing else ["--index-only"]),
+                str(self.mountpoint),
                 "--state-dir", str(self.state_dir), "--foreground", *self.extra_args,
             ),
             stdout=log, stderr=subprocess.STDOUT,
