@@ -21,8 +21,8 @@ def make_cluster() -> Iterator[MakeCluster]:
     made: list[Cluster] = []
 
     def make(size: int = 3, options: dict[str, str] | None = None,
-             start: bool = True) -> Cluster:
-        cluster = Cluster(size, options)
+             start: bool = True, index_only: bool = False) -> Cluster:
+        cluster = Cluster(size, options, index_only=index_only)
         made.append(cluster)
         if start:
             # From a steady state: nobody writes before every stream is up.

@@ -90,7 +90,8 @@ class Node:
         for path in (self.mountpoint, self.state_dir):
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(0o755)
-        self.mount = MailfsMount(self.cluster.backing, self.mountpoint, self.state_dir,
+        backing = None if self.cluster.index_only else self.cluster.backing
+        self.mount = MailfsMount(backing, self.mountpoint, self.state_dir,
                                  self.args(), log_path=self.state_dir.parent / "mailfs.log")
         self.mount.start()
         return self
@@ -125,6 +126,8 @@ class Node:
         return self.mountpoint / relative
 
     def checksums(self) -> dict[str, str]:
+        if self.cluster.index_only:
+            return index_only_checksums(self.mountpoint)
         return replicated_checksums(self.mountpoint)
 
 
@@ -132,7 +135,8 @@ class Cluster:
     """N nodes over one backing directory; everything is taken down by close()."""
 
     def __init__(self, size: int = 3, options: dict[str, str] | None = None,
-                 base: Path | None = None) -> None:
+                 base: Path | None = None, index_only: bool = False) -> None:
+        self.index_only = index_only  # no backing: directories are replicated too
         self.base = base or Path(tempfile.mkdtemp(prefix="mailfs-cluster-"))
         self.base.chmod(0o755)
         self.backing = self.base / "backing"
@@ -241,6 +245,30 @@ def replicated_checksums(root: Path) -> dict[str, str]:
                     path.read_bytes()).hexdigest()
             except FileNotFoundError:
                 continue  # renamed away while we walked; the next round sees the new name
+    return found
+
+
+def index_only_checksums(root: Path) -> dict[str, str]:
+    """Every directory (owner and mode) and every file but locks, on an index-only mount."""
+    classifier = Classifier(DEFAULT_REPLICATED, DEFAULT_VOLATILE)
+    found: dict[str, str] = {}
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            path = Path(directory) / name
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            found[f"{path.relative_to(root)}/"] = f"dir {st.st_mode:o} {st.st_uid}:{st.st_gid}"
+        for name in files:
+            if classifier.classify(os.fsencode(name)).value == "volatile":
+                continue
+            path = Path(directory) / name
+            try:
+                found[str(path.relative_to(root))] = hashlib.sha256(
+                    path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                continue
     return found
 
 
