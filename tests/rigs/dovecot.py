@@ -87,19 +87,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def mail_location(mail_format: str) -> str:
+def mail_location(mail_format: str, index_root: Path | None = None) -> str:
+    """Index and control files next to the mail (the full-overlay layout), or, with
+    index_root, under it (the index-only layout: INDEX= and CONTROL= on an index-only
+    mailfs mount, mail read straight from the mail root)."""
     if mail_format not in MAIL_FORMATS:
         raise ValueError(f"unknown mail format {mail_format!r}, expected one of {MAIL_FORMATS}")
-    # Index and control files stay next to the mail (the default), because keeping them on
-    # the mount is the whole point of mailfs.
     directory = "Maildir" if mail_format == "maildir" else mail_format
-    return f"{mail_format}:~/{directory}"
+    location = f"{mail_format}:~/{directory}"
+    if index_root is not None:
+        location += f":INDEX={index_root}/%u/index:CONTROL={index_root}/%u/control"
+    return location
 
 
 def render_config(
     *, base_dir: Path, state_dir: Path, log_path: Path, passwd_file: Path, mail_root: Path,
     mail_format: str, port: int, uid: int, gid: int, instance: str, greeting: str,
-    mail_fsync: str = "optimized",
+    mail_fsync: str = "optimized", index_root: Path | None = None,
 ) -> str:
     # Built from scratch rather than from /etc/dovecot so a system config cannot leak in.
     return f"""\
@@ -117,7 +121,7 @@ first_valid_uid = {min(uid, 500)}
 first_valid_gid = {min(gid, 500)}
 mail_max_userip_connections = 200
 
-mail_location = {mail_location(mail_format)}
+mail_location = {mail_location(mail_format, index_root)}
 # Settings for mail on a FUSE filesystem: mailfs serves index files from its cache, so
 # mmap is fine and fcntl locks work; O_EXCL dot-locks are what mailfs's lock class expects.
 mmap_disable = no
@@ -164,12 +168,14 @@ class Dovecot:
         users: Mapping[str, str] = DEFAULT_USERS,
         port: int | None = None,
         mail_fsync: str = "optimized",
+        index_root: Path | None = None,
     ) -> None:
         """mail_fsync="always" makes Dovecot fsync every index change, not only mail files:
         what a node crash may then lose is only what no IMAP command has confirmed yet."""
         if mail_fsync not in ("optimized", "always", "never"):
             raise ValueError(f"unknown mail_fsync {mail_fsync!r}")
         self.mail_fsync = mail_fsync
+        self.index_root = index_root
         self.workdir = workdir
         self.mail_root = mail_root
         self.mail_format = mail_format
@@ -201,7 +207,7 @@ class Dovecot:
             base_dir=self.base_dir, state_dir=state_dir, log_path=self.log_path,
             passwd_file=passwd_file, mail_root=self.mail_root, mail_format=self.mail_format,
             port=self.port, uid=uid, gid=gid, instance=f"mailfs-test-{self.port}",
-            greeting=self.greeting, mail_fsync=self.mail_fsync,
+            greeting=self.greeting, mail_fsync=self.mail_fsync, index_root=self.index_root,
         ))
 
     def start(self) -> Dovecot:
