@@ -126,26 +126,43 @@ class Side:
     root: Path
     users: dict[str, str]
     mount_args: list[str] = field(default_factory=list)
+    layout: str = "full"  # or "index-only": mail local, INDEX/CONTROL on the mount
     dovecot: Dovecot | None = None
     mount: MailfsMount | None = None
     problems_seen: int = 0
     broken: str | None = None
 
     @property
-    def mail_root(self) -> Path:
+    def mountpoint(self) -> Path:
+        """The mailfs mount (or, for the local side, where it would be)."""
+        if self.layout == "index-only":
+            return self.root / ("mnt" if self.backend == "mailfs" else "index")
         return self.root / ("mnt" if self.backend == "mailfs" else "mail")
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
+        if self.layout == "index-only":
+            # Mail on a plain directory; INDEX= and CONTROL= on an index-only mount (or, for
+            # the local side, on a plain directory: Dovecot's own `:INDEX=` layout).
+            mail_root = prepare_mail_root(self.root / "mail")
+            index_root = prepare_mail_root(self.mountpoint)  # vmail's: the mount shows it
+            if self.backend == "mailfs":
+                self.mount = MailfsMount(None, index_root, self.root / "state",
+                                         self.mount_args,
+                                         log_path=self.root / "mailfs.log").start()
+            self.dovecot = Dovecot(self.root / "dovecot", mail_root, self.fmt, self.users,
+                                   index_root=index_root)
+            self.dovecot.start()
+            return
         if self.backend == "mailfs":
             backing = prepare_mail_root(self.root / "backing")
             self.mount = MailfsMount(
-                backing, self.mail_root, self.root / "state", self.mount_args,
+                backing, self.mountpoint, self.root / "state", self.mount_args,
                 log_path=self.root / "mailfs.log",
             ).start()
-        prepare_mail_root(self.mail_root)
-        self.dovecot = Dovecot(self.root / "dovecot", self.mail_root, self.fmt, self.users)
+        prepare_mail_root(self.mountpoint)
+        self.dovecot = Dovecot(self.root / "dovecot", self.mountpoint, self.fmt, self.users)
         self.dovecot.start()
 
     def stop(self) -> list[str]:
@@ -188,7 +205,7 @@ class Side:
             if process is None or process.poll() is not None:
                 code = None if process is None else process.returncode
                 return f"mailfs daemon exited (code {code})"
-            if not is_mounted(self.mail_root):
+            if not is_mounted(self.mountpoint):
                 return "mailfs mount disappeared"
         if self.dovecot is not None and (
             self.dovecot.process is None or self.dovecot.process.poll() is not None
@@ -257,7 +274,7 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
 
     def on_start() -> None:
         if side.mount is not None:
-            counters.append(mailfs_counters(side.mail_root))
+            counters.append(mailfs_counters(side.mountpoint))
         sample["dovecot"] = tree_cpu(side.dovecot_pid)
         sample["mailfs"] = tree_cpu(side.mailfs_pid)
         sample["busy"], sample["total"] = system_cpu()
@@ -268,7 +285,7 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
         sample["total_s"] = max(1.0, total - sample["total"]) / TICK
         sample["busy"] = sample["busy_s"] / sample["total_s"]
         if side.mount is not None:
-            counters.append(mailfs_counters(side.mail_root))
+            counters.append(mailfs_counters(side.mountpoint))
         pid = side.dovecot_pid
         deadline = time.monotonic() + 5
         while pid and live_children_named(pid, "imap") and time.monotonic() < deadline:
@@ -367,7 +384,8 @@ class Run:
             for user in round_users(tag, args.clients, args.clients_per_user)
         }
         sides = [
-            Side(backend, fmt, self.root / fmt / backend, users, list(args.mailfs_arg))
+            Side(backend, fmt, self.root / fmt / backend, users, list(args.mailfs_arg),
+                 layout=args.layout)
             for backend in BACKENDS
             if args.only in (None, backend)
         ]
@@ -407,7 +425,7 @@ class Run:
                         self.rounds.append(figures)
             for side in usable:
                 if side.mount is not None and side.broken is None:
-                    self.status[fmt] = mailfs_status(side.mail_root)
+                    self.status[fmt] = mailfs_status(side.mountpoint)
         finally:
             for side in live:
                 for trouble in side.stop():
@@ -591,7 +609,10 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
         *(f"  {key}: {value}" for key, value in info.items()),
         "",
         "config:",
-        f"  formats: {', '.join(formats)}; backends: {args.only or 'local, mailfs'}",
+        f"  formats: {', '.join(formats)}; backends: {args.only or 'local, mailfs'}; "
+        f"layout: {args.layout}" + (" (mail on a local directory; INDEX=/CONTROL= on a local "
+                                    "directory vs an index-only mailfs mount)"
+                                    if args.layout == "index-only" else ""),
         f"  {args.clients} client processes, {args.clients_per_user} per user "
         "(fresh users every round), "
         f"{args.populate} messages pre-filled per user",
@@ -756,6 +777,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--formats", default="maildir,sdbox")
     parser.add_argument("--mdbox", action="store_true", help="add mdbox to the formats")
     parser.add_argument("--only", choices=BACKENDS, help="run one backend only")
+    parser.add_argument("--layout", choices=("full", "index-only"), default="full",
+                        help="full: the whole mail_location on the mount; index-only: mail "
+                             "on a local directory, INDEX=/CONTROL= on the mount (and, for "
+                             "the local side, on a local directory)")
     parser.add_argument("--mailfs-arg", action="append", default=[],
                         help="extra argument for `mailfs mount` (repeat; use --mailfs-arg=--x)")
     parser.add_argument("--seed", type=int, default=1)
@@ -822,8 +847,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep[0] = True  # the logs in it are the evidence
         args.results.mkdir(parents=True, exist_ok=True)
         report = render_report(run, info, formats)
-        (args.results / "imap_load.txt").write_text(report)
-        render_chart(run, formats, args.results / "imap_load.png")
+        stem = "imap_load" if args.layout == "full" else "imap_index_only"
+        (args.results / f"{stem}.txt").write_text(report)
+        render_chart(run, formats, args.results / f"{stem}.png")
         dump = {
             "machine": info,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -832,10 +858,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mailfs_status": run.status,
             "problems": run.problems,
         }
-        (args.results / "imap_load.json").write_text(json.dumps(dump, indent=1) + "\n")
+        (args.results / f"{stem}.json").write_text(json.dumps(dump, indent=1) + "\n")
         print()
         print(report)
-        print(f"wrote {args.results / 'imap_load.txt'}, imap_load.png, imap_load.json")
+        print(f"wrote {args.results / stem}.txt, .png, .json")
     code = 1 if run.problems else 0
     if args.replication:
         code = max(code, run_replication(args))
