@@ -54,8 +54,10 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (("umount", "flush, unmount, and wait until the data is safe"),
                        ("flush", "commit everything to LMDB and wait for it"),
                        ("status", "show counts, sizes, cache use and health"),
-                       ("import", "adopt index files already on the backing path"),
-                       ("export", "write all index files back to the backing path")):
+                       ("import", "adopt index files already on the backing path, or "
+                                  "(index-only) from --from DIR"),
+                       ("export", "write all index files back to the backing path, or "
+                                  "(index-only) to --to DIR")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("mountpoint", type=Path)
         cmd.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
@@ -66,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
                              help="seconds to wait for the daemon to finish")
             cmd.add_argument("--force", action="store_true",
                              help="unmount even while a sync replication peer is behind")
+        if name == "import":
+            cmd.add_argument("--from", dest="source", type=Path,
+                             help="index-only mounts: a directory tree to adopt")
+        if name == "export":
+            cmd.add_argument("--to", dest="target", type=Path,
+                             help="index-only mounts: an existing directory to write into")
         if name == "flush":
             cmd.add_argument("--timeout", type=float, default=60.0,
                              help="seconds to wait for connected peers to acknowledge")
@@ -258,14 +266,18 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    result = control.call(socket_path(args), "import")
-    print(f"imported {result['imported']} index files")
+    source: dict[str, Any] = {"from": str(args.source.absolute())} if args.source else {}
+    result = control.call(socket_path(args), "import", **source)
+    print(f"imported {result['imported']} index files"
+          + (f" from {args.source}" if args.source else ""))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    result = control.call(socket_path(args), "export")
-    print(f"exported {result['exported']} index files to the backing path")
+    target: dict[str, Any] = {"to": str(args.target.absolute())} if args.target else {}
+    result = control.call(socket_path(args), "export", **target)
+    print(f"exported {result['exported']} index files to "
+          + (str(args.target) if args.target else "the backing path"))
     return 0
 
 

@@ -199,19 +199,37 @@ class Daemon:
     async def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
-    def _needs_backing(self, what: str) -> None:
-        if self.index_only:
-            raise UserError(f"{what} works on the backing path, and an index-only mount has "
-                            "none")
-
-    async def _import(self, _request: dict[str, Any]) -> dict[str, Any]:
-        self._needs_backing("import")
+    async def _import(self, request: dict[str, Any]) -> dict[str, Any]:
+        source = request.get("from")
+        if isinstance(self.fs, IndexOnlyFS):
+            if not isinstance(source, str) or not source:
+                raise UserError("an index-only mount imports from a directory: give --from DIR")
+            try:
+                return {"imported": await self.fs.import_from(source)}
+            except OSError as exc:
+                raise UserError(f"import from {source} failed: {exc}") from None
+        if source:
+            raise UserError("--from is for index-only mounts; this one imports from its "
+                            "backing path")
         imported = await self.fs.import_tree()
         await self.store.sync()
         return {"imported": imported}
 
-    async def _export(self, _request: dict[str, Any]) -> dict[str, Any]:
-        self._needs_backing("export")
+    async def _export(self, request: dict[str, Any]) -> dict[str, Any]:
+        target = request.get("to")
+        if isinstance(self.fs, IndexOnlyFS):
+            if not isinstance(target, str) or not os.path.isdir(target):
+                raise UserError("an index-only mount exports to an existing directory: give "
+                                "--to DIR")
+            if mounts_inside(target, self.config.mountpoint):
+                raise UserError("export --to must not be inside the mount itself")
+            try:
+                return {"exported": await self.fs.export_to(target)}
+            except OSError as exc:
+                raise UserError(f"export to {target} failed: {exc}") from None
+        if target:
+            raise UserError("--to is for index-only mounts; this one exports to its backing "
+                            "path")
         return {"exported": await self.fs.export_tree()}
 
     async def main(self, ready_fd: int | None, control_socket: Path) -> None:
@@ -248,6 +266,11 @@ class Daemon:
                     log.error("commit before unmounting failed (%s); the journal keeps the "
                               "changes for the next mount", exc)
                 pyfuse3.terminate()
+
+
+def mounts_inside(path: str, mountpoint: Path) -> bool:
+    real, mount = os.path.realpath(path), os.path.realpath(mountpoint)
+    return real == mount or real.startswith(mount + os.sep)
 
 
 def report_ready(ready_fd: int | None, message: str) -> None:

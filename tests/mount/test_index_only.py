@@ -147,10 +147,39 @@ def test_status_and_statfs(index_mount: MailfsMount) -> None:
     assert (ours.f_blocks, ours.f_bsize) == (state.f_blocks, state.f_bsize)
 
 
-def test_import_and_export_need_a_backing_path(index_mount: MailfsMount) -> None:
+def test_migration_onto_and_off_an_index_only_mount(index_mount: MailfsMount,
+                                                    base: Path) -> None:
+    """`import --from` adopts today's `:INDEX=` tree; `export --to` writes it back."""
+    source = base / "old-index"
+    (source / "alice" / "mailboxes" / "INBOX").mkdir(parents=True)
+    (source / "alice" / "mailboxes" / "INBOX" / "dovecot.index").write_bytes(b"i" * 5000)
+    (source / "alice" / "dovecot.list.index.log").write_bytes(b"list log")
+    (source / "alice" / LOCK).write_bytes(b"stale lock")
+    os.chown(source / "alice", 5000, 5000)
+    os.chmod(source / "alice", 0o700)
+    assert not (index_mount.mountpoint / "alice").exists()  # the kernel caches "absent"
+    result = run_cli("import", str(index_mount.mountpoint), "--from", str(source))
+    assert result.returncode == 0, result.stderr
+    assert "imported 5 index files" in result.stdout  # 3 directories, 2 files, no lock
+    expected = {path: data for path, data in tree(source).items() if LOCK not in path}
+    assert tree(index_mount.mountpoint) == expected
+    st = os.stat(index_mount.mountpoint / "alice")
+    assert (st.st_uid, st.st_mode & 0o7777) == (5000, 0o700)
+
+    target = base / "new-index"
+    target.mkdir()
+    result = run_cli("export", str(index_mount.mountpoint), "--to", str(target))
+    assert result.returncode == 0, result.stderr
+    assert tree(target) == expected
+    assert os.stat(target / "alice").st_uid == 5000
+
     result = run_cli("export", str(index_mount.mountpoint))
     assert result.returncode != 0
-    assert "index-only" in result.stderr
+    assert "--to DIR" in result.stderr
+    result = run_cli("export", str(index_mount.mountpoint), "--to",
+                     str(index_mount.mountpoint / "alice"))
+    assert result.returncode != 0
+    assert "inside the mount" in result.stderr
 
 
 def test_a_backing_path_and_index_only_do_not_mix(base: Path) -> None:

@@ -18,15 +18,21 @@ only await in a changing request is `_changes_allowed`, before anything is check
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 
 import pyfuse3
+import trio
 
-from mailfs.cachemgr.records import Attrs
+from mailfs.cachemgr.metastore import MAX_FILE_SIZE
+from mailfs.cachemgr.records import Attrs, Op, Record, path_problem
 from mailfs.fs.classifier import FileClass
 from mailfs.fs.core import Caller, DirListing, MailFS, oserror
+from mailfs.fs.invalidation import invalidate_everything
 from mailfs.fs.nodes import REPLICATED_BASE, ROOT, Kind, Node
+
+log = logging.getLogger(__name__)
 
 # A directory's stored nlink is 1 (its one name); stat shows the customary 2.
 DIR_NLINK = 2
@@ -246,3 +252,99 @@ class IndexOnlyFS(MailFS):
                      "f_ffree", "f_favail", "f_namemax"):
             setattr(data, attr, getattr(st, attr))
         return data
+
+    # ------------------------------------------------------------------ migration
+
+    async def export_to(self, target: str) -> int:
+        """Write every directory and file but locks under `target` (`mailfs export --to`):
+        for leaving mailfs, back to INDEX=/CONTROL= on a local disk. Stop Dovecot first;
+        what changes meanwhile may or may not be in the copy."""
+        await self.store.sync()
+        count = 0
+        directories: list[tuple[str, Attrs]] = []
+        # Sorted, a directory comes before everything in it.
+        for dirpath, name, fid in sorted(self.store.all_files()):
+            relative = dirpath + b"/" + name if dirpath else name
+            if path_problem(Record(0, Op.UNLINK, (dirpath, name, 0))) is not None:
+                log.error("export skips %r: not a valid path inside the mount", relative)
+                continue
+            stored = self.store.get(fid)
+            destination = os.path.join(target, os.fsdecode(relative))
+            if stat.S_ISDIR(stored.attrs.mode):
+                await trio.to_thread.run_sync(_make_directory, destination, stored.attrs)
+                directories.append((destination, stored.attrs.copy()))
+            else:
+                await trio.to_thread.run_sync(self._write_back, os.fsencode(destination),
+                                              bytes(stored.content), stored.attrs.copy())
+            count += 1
+        for destination, attrs in reversed(directories):  # after their contents changed
+            await trio.to_thread.run_sync(_set_times, destination, attrs)
+        return count
+
+    async def import_from(self, source: str) -> int:
+        """Adopt a tree of index and control files from local disk (`mailfs import --from`):
+        today's `:INDEX=` users moving onto mailfs. Files replace what the mount has under
+        the same name; lock files are skipped; directories keep their owner and mode."""
+        walked = await trio.to_thread.run_sync(_walk, source)
+        imported: set[tuple[bytes, bytes]] = set()
+        count = 0
+        for relative, st in walked:
+            dirpath, _, name = relative.rpartition(b"/")
+            if (self.classifier.classify(name) is FileClass.VOLATILE
+                    or path_problem(Record(0, Op.UNLINK, (dirpath, name, 0))) is not None):
+                continue
+            attrs = Attrs(st.st_mode, st.st_uid, st.st_gid, 1, 0, st.st_atime_ns,
+                          st.st_mtime_ns, st.st_ctime_ns)
+            existing = self.store.lookup(dirpath, name)
+            if stat.S_ISDIR(st.st_mode):
+                if existing is None:
+                    self.store.put(dirpath, name, attrs, b"")
+                    imported.add((dirpath, name))
+                    count += 1
+                continue
+            if st.st_size > MAX_FILE_SIZE:
+                log.warning("import skips %r: %d bytes is more than an index file can be",
+                            relative, st.st_size)
+                continue
+            path = os.path.join(source, os.fsdecode(relative))
+            content = await trio.to_thread.run_sync(_read_file, path)
+            attrs.size = len(content)
+            self.store.put(dirpath, name, attrs, content)
+            imported.add((dirpath, name))
+            count += 1
+        await self.store.sync()
+        # The kernel may have cached these names as absent, or their old content.
+        invalidate_everything(imported, self.table, self.invalidator)
+        return count
+
+
+def _make_directory(path: str, attrs: Attrs) -> None:
+    os.makedirs(path, exist_ok=True)
+    os.chown(path, attrs.uid, attrs.gid)
+    os.chmod(path, attrs.mode & 0o7777)
+
+
+def _set_times(path: str, attrs: Attrs) -> None:
+    os.utime(path, ns=(attrs.atime_ns, attrs.mtime_ns))
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _walk(source: str) -> list[tuple[bytes, os.stat_result]]:
+    """(path relative to source, lstat) of every directory and regular file, parents first."""
+    if not os.path.isdir(source):
+        raise FileNotFoundError(errno.ENOENT, f"{source} is not a directory")
+    found: list[tuple[bytes, os.stat_result]] = []
+    root = os.fsencode(source)
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        for name in [*sorted(subdirs), *sorted(files)]:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                found.append((os.path.relpath(path, root), st))
+    found.sort(key=lambda item: item[0].count(b"/"))
+    return found
