@@ -120,7 +120,11 @@ def mount_config(args: argparse.Namespace) -> Config:
         apply_overrides(values, {"ram_budget": args.ram_budget})
     if args.debug:
         values["log_level"] = "DEBUG"
-    return build(config_file, values)
+    config = build(config_file, values)
+    if config.mode == "full" and str(config.backing) in ("", "."):
+        raise UserError("a full mount needs a backing path: mailfs mount BACKING MOUNTPOINT "
+                        "(or --index-only MOUNTPOINT)")
+    return config
 
 
 def setup_logging(level: str, log_file: Path | None = None) -> None:

@@ -323,8 +323,6 @@ def validate(config: Config) -> None:
     if config.mode == "index-only" and str(config.backing) not in ("", "."):
         raise UserError("config: an index-only mount has no backing path; give only the "
                         "mountpoint")
-    if config.mode == "full" and str(config.backing) in ("", "."):
-        raise UserError("config: a full mount needs a backing path (or mode = index-only)")
     if config.commit_interval <= 0:
         raise UserError("config: commit.interval must be above 0")
     if config.backing_threads < 1:

@@ -294,3 +294,19 @@ def test_node_ids_with_the_same_namespace_are_refused(tmp_path: Path) -> None:
         build(None, values)
     apply_overrides(values, {"peers": f"other@h:1;{second}x@h:2"})
     assert build(None, values).node_id == first
+
+
+def test_mode_from_the_file_and_from_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "mailfs.toml"
+    path.write_text('[mount]\nmode = "index-only"\n')
+    assert build(path, {"mountpoint": Path("/m")}).mode == "index-only"
+    values: dict[str, object] = {}
+    apply_overrides(values, {"mode": "full"})
+    assert build(path, values).mode == "full"
+    with pytest.raises(UserError, match="mode"):
+        apply_overrides({}, {"mode": "half"})
+
+
+def test_an_index_only_mount_with_a_backing_path_is_refused() -> None:
+    with pytest.raises(UserError, match="no backing path"):
+        build(None, {"mode": "index-only", "backing": Path("/b"), "mountpoint": Path("/m")})
