@@ -1,5 +1,9 @@
 """Failover: Dovecot on node A of a mailfs cluster, then Dovecot on node B over B's mount.
 
+Both layouts: the full overlay (the whole mail_location on each node's mount over one
+shared backing directory) and the index-only layout (mail on the shared directory itself,
+INDEX= and CONTROL= on each node's index-only mount, directories replicated by mailfs).
+
 Node B must see exactly what A's IMAP clients were told: the same UIDs, UIDVALIDITY, UIDNEXT,
 HIGHESTMODSEQ, flags, keywords, bodies, folders and subscriptions, without Dovecot repairing
 or rebuilding a single index. Two ways A goes away:
@@ -36,6 +40,7 @@ pytestmark = [pytest.mark.dovecot, pytest.mark.timeout(900)]
 ALICE, BOB = "alice", "bob"
 SEEN, FLAGGED, DELETED, ANSWERED = b"\\Seen", b"\\Flagged", b"\\Deleted", b"\\Answered"
 HOW = ("stop-flush", "kill9")
+LAYOUTS = ("full", "index-only")
 FINAL = b"$Final"
 
 # Besides Dovecot's own repair messages (REBUILD_RE in the rig): any index reset.
@@ -67,16 +72,27 @@ def how(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=LAYOUTS)
+def layout(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def rig(how: str, mail_format: str) -> Iterator[Rig]:
+def rig(how: str, mail_format: str, layout: str) -> Iterator[Rig]:
+    """full: each node's Dovecot has its whole mail_location on the node's mount over the
+    shared backing directory. index-only: mail on the shared directory itself, INDEX= and
+    CONTROL= on the node's index-only mount."""
     options = {"durability": "sync", "sync_timeout": "3"} if how == "kill9" else {}
     fsync = "always" if how == "kill9" else "optimized"
+    index_only = layout == "index-only"
     with contextlib.ExitStack() as teardown:  # runs every step, last registered first
-        cluster = Cluster(2, options)
+        cluster = Cluster(2, options, index_only=index_only)
         teardown.callback(cluster.close)
         servers = {
-            node.node_id: Dovecot(cluster.base / f"dovecot-{node.node_id}", node.mountpoint,
-                                  mail_format, mail_fsync=fsync)
+            node.node_id: Dovecot(
+                cluster.base / f"dovecot-{node.node_id}",
+                cluster.backing if index_only else node.mountpoint, mail_format,
+                mail_fsync=fsync, index_root=node.mountpoint if index_only else None)
             for node in cluster.nodes
         }
         teardown.callback(print_logs, cluster, servers)  # pytest shows it on failure
@@ -84,6 +100,9 @@ def rig(how: str, mail_format: str) -> Iterator[Rig]:
             teardown.callback(server.kill)
             teardown.callback(server.stop)
         prepare_mail_root(cluster.backing)
+        if index_only:  # an index-only root shows its mountpoint directory's owner
+            for node in cluster.nodes:
+                prepare_mail_root(node.mountpoint)
         cluster.start()
         uid, gid = ensure_vmail_user()
         for node in cluster.nodes:
