@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rigs.mount import MailfsMount, force_unmount, run_cli
+from tests.rigs.mount import MailfsMount, force_unmount, mounted, run_cli
 
 LOCK = "dovecot-uidlist.lock"
 
@@ -29,14 +29,8 @@ def base() -> Iterator[Path]:
 
 @pytest.fixture
 def index_mount(base: Path) -> Iterator[MailfsMount]:
-    mount = MailfsMount(None, base / "mnt", base / "state").start()
-    try:
+    with mounted(None, base / "mnt", base / "state") as mount:
         yield mount
-    finally:
-        try:
-            mount.stop()
-        finally:
-            mount.kill()
     assert mount.problems() == []
 
 

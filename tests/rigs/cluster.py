@@ -236,16 +236,19 @@ def replicated_checksums(root: Path) -> dict[str, str]:
     classifier = Classifier(DEFAULT_REPLICATED, DEFAULT_VOLATILE)
     found: dict[str, str] = {}
     for directory, _subdirs, files in os.walk(root):
-        for name in files:
-            if classifier.classify(os.fsencode(name)).value != "replicated":
-                continue
-            path = Path(directory) / name
-            try:
-                found[str(path.relative_to(root))] = hashlib.sha256(
-                    path.read_bytes()).hexdigest()
-            except FileNotFoundError:
-                continue  # renamed away while we walked; the next round sees the new name
+        _hash_files(root, Path(directory), [
+            name for name in files
+            if classifier.classify(os.fsencode(name)).value == "replicated"], found)
     return found
+
+
+def _hash_files(root: Path, directory: Path, names: list[str], found: dict[str, str]) -> None:
+    for name in names:
+        path = directory / name
+        try:
+            found[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            continue  # renamed away while we walked; the next round sees the new name
 
 
 def index_only_checksums(root: Path) -> dict[str, str]:
@@ -260,15 +263,9 @@ def index_only_checksums(root: Path) -> dict[str, str]:
             except FileNotFoundError:
                 continue
             found[f"{path.relative_to(root)}/"] = f"dir {st.st_mode:o} {st.st_uid}:{st.st_gid}"
-        for name in files:
-            if classifier.classify(os.fsencode(name)).value == "volatile":
-                continue
-            path = Path(directory) / name
-            try:
-                found[str(path.relative_to(root))] = hashlib.sha256(
-                    path.read_bytes()).hexdigest()
-            except FileNotFoundError:
-                continue
+        _hash_files(root, Path(directory), [
+            name for name in files
+            if classifier.classify(os.fsencode(name)).value != "volatile"], found)
     return found
 
 

@@ -128,7 +128,7 @@ class MailfsMount:
 
 @contextlib.contextmanager
 def mounted(
-    backing: Path, mountpoint: Path, state_dir: Path, extra_args: Sequence[str] = ()
+    backing: Path | None, mountpoint: Path, state_dir: Path, extra_args: Sequence[str] = ()
 ) -> Iterator[MailfsMount]:
     mount = MailfsMount(backing, mountpoint, state_dir, extra_args)
     mount.start()

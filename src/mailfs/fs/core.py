@@ -962,12 +962,7 @@ class MailFS:
                                        self.backing.path(self.table.dirpath(listing.node)))
 
     async def statfs(self) -> pyfuse3.StatvfsData:
-        st = await self.backing.run(os.statvfs, self.backing.root)
-        data = pyfuse3.StatvfsData()
-        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                     "f_ffree", "f_favail", "f_namemax"):
-            setattr(data, attr, getattr(st, attr))
-        return data
+        return statvfs_data(await self.backing.run(os.statvfs, self.backing.root))
 
     # ------------------------------------------------------------------ status
 
@@ -979,6 +974,14 @@ class MailFS:
             "volatile_bytes": sum(len(v.content) for v in self.volatile.values()),
             "getattr_by_kind": dict(self.getattr_by_kind),
         }
+
+
+def statvfs_data(st: os.statvfs_result) -> pyfuse3.StatvfsData:
+    data = pyfuse3.StatvfsData()
+    for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                 "f_ffree", "f_favail", "f_namemax"):
+        setattr(data, attr, getattr(st, attr))
+    return data
 
 
 # ---------------------------------------------------------------------- thread functions

@@ -28,7 +28,7 @@ import trio
 from mailfs.cachemgr.metastore import MAX_FILE_SIZE
 from mailfs.cachemgr.records import Attrs, Op, Record, path_problem
 from mailfs.fs.classifier import FileClass
-from mailfs.fs.core import Caller, DirListing, MailFS, oserror
+from mailfs.fs.core import Caller, DirListing, MailFS, oserror, statvfs_data
 from mailfs.fs.invalidation import invalidate_everything
 from mailfs.fs.nodes import REPLICATED_BASE, ROOT, Kind, Node
 
@@ -246,12 +246,7 @@ class IndexOnlyFS(MailFS):
         await self._sync_replicated()
 
     async def statfs(self) -> pyfuse3.StatvfsData:
-        st = os.statvfs(self.state_dir)  # local disk: fast enough for the trio thread
-        data = pyfuse3.StatvfsData()
-        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                     "f_ffree", "f_favail", "f_namemax"):
-            setattr(data, attr, getattr(st, attr))
-        return data
+        return statvfs_data(os.statvfs(self.state_dir))  # local disk: fine on the trio thread
 
     # ------------------------------------------------------------------ migration
 
