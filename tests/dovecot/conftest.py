@@ -1,4 +1,5 @@
-"""Fixtures for real-Dovecot tests: a mail store (local or mailfs) and a Dovecot on it."""
+"""Fixtures for real-Dovecot tests: a mail store (see tests/rigs/mailstore.py for the layouts)
+and a Dovecot on it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from tests.rigs.dovecot import MAIL_FORMATS, Dovecot
 from tests.rigs.mailstore import BACKENDS, MailStore
 from tests.rigs.mount import is_mounted
+from tests.rigs.sshfs import sshfs_unusable
 
 
 @pytest.fixture
@@ -40,6 +42,8 @@ def mail_format(request: pytest.FixtureRequest) -> str:
 def store(backend: str, workdir: Path) -> Iterator[MailStore]:
     # e.g. MAILFS_TEST_MOUNT_ARGS="--debug -o index_timeout=0" to rerun the suite another way
     extra_args = shlex.split(os.environ.get("MAILFS_TEST_MOUNT_ARGS", ""))
+    if backend == "index-only-sshfs" and (reason := sshfs_unusable()) is not None:
+        pytest.skip(reason)
     mail_store = MailStore(backend, workdir, extra_args)
     try:
         mail_store.start()
@@ -54,7 +58,7 @@ def store(backend: str, workdir: Path) -> Iterator[MailStore]:
 
 @pytest.fixture
 def dovecot(store: MailStore, workdir: Path, mail_format: str) -> Iterator[Dovecot]:
-    server = Dovecot(workdir / "dovecot", store.root, mail_format)
+    server = Dovecot(workdir / "dovecot", store.root, mail_format, index_root=store.index_root)
     try:
         server.start()
         yield server

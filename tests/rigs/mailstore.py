@@ -1,18 +1,25 @@
-"""The mail root Dovecot writes into: a plain local directory, or a mailfs mount over one.
+"""Where Dovecot keeps mail and indexes in a test: a plain local directory, a mailfs full
+overlay over one, or the index-only layout (mail on a plain directory or on sshfs, INDEX= and
+CONTROL= on an index-only mailfs mount).
 
 The local backend is the control: a test that fails on it is wrong, not mailfs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.rigs.dovecot import ensure_vmail_user, prepare_mail_root
+from tests.rigs.dovecot import MAIL_USER, ensure_vmail_user, prepare_mail_root
 from tests.rigs.mount import MailfsMount, is_mounted, run_cli
+from tests.rigs.sshfs import SshfsMount, sshfs_backing
 
-BACKENDS = ("local", "mailfs")
+# local: everything on a plain directory. mailfs: the whole mail_location on a full overlay.
+# index-only: mail on a plain directory, INDEX/CONTROL on an index-only mount.
+# index-only-sshfs: the same with the mail on sshfs from a network namespace.
+BACKENDS = ("local", "mailfs", "index-only", "index-only-sshfs")
 
 
 class MailStore:
@@ -20,23 +27,46 @@ class MailStore:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
         self.backend = backend
+        self.workdir = workdir
         self.backing = workdir / "backing"
         self.mountpoint = workdir / "mnt"
         self.state_dir = workdir / "state"
         self.mount: MailfsMount | None = None
-        if backend == "mailfs":
+        self.sshfs: SshfsMount | None = None
+        self._network = contextlib.ExitStack()
+        if backend != "local":
+            backing = self.backing if backend == "mailfs" else None
             self.mount = MailfsMount(
-                self.backing, self.mountpoint, self.state_dir, extra_args,
+                backing, self.mountpoint, self.state_dir, extra_args,
                 log_path=workdir / "mailfs.log",
             )
 
     @property
+    def index_only(self) -> bool:
+        return self.backend.startswith("index-only")
+
+    @property
     def root(self) -> Path:
-        return self.mountpoint if self.mount is not None else self.backing
+        """Dovecot's mail root."""
+        if self.sshfs is not None:
+            return self.sshfs.mountpoint
+        return self.mountpoint if self.backend == "mailfs" else self.backing
+
+    @property
+    def index_root(self) -> Path | None:
+        """Where INDEX= and CONTROL= point, or None for Dovecot's default (next to the mail)."""
+        return self.mountpoint if self.index_only else None
 
     def start(self) -> MailStore:
-        prepare_mail_root(self.backing)
+        if self.backend == "index-only-sshfs" and self.sshfs is None:
+            self.sshfs = self._network.enter_context(sshfs_backing(
+                self.workdir / "network", user=MAIL_USER))
+        prepare_mail_root(self.backing if self.backend == "mailfs" else self.root)
         if self.mount is None:
+            return self
+        if self.index_only:
+            prepare_mail_root(self.mountpoint)  # the mount's root shows this directory's owner
+            self.mount.start()
             return self
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.mountpoint.chmod(0o755)
@@ -63,13 +93,16 @@ class MailStore:
         self.mount.kill()
 
     def close(self) -> None:
-        """Fixture teardown: never leaves a mount or a daemon behind."""
-        if self.mount is None:
-            return
+        """Fixture teardown: never leaves a mount, a daemon or a namespace behind."""
         try:
-            self.mount.stop()
+            if self.mount is not None:
+                try:
+                    self.mount.stop()
+                finally:
+                    self.mount.kill()
         finally:
-            self.mount.kill()
+            self.sshfs = None
+            self._network.close()
 
     def is_mounted(self) -> bool:
         return self.mount is not None and is_mounted(self.mountpoint)

@@ -5,6 +5,9 @@ listening only on the namespace side (own host key, own config, one freshly gene
 key), and an sshfs mount of a local temp directory through it. All I/O on the mountpoint
 therefore crosses TCP and the SFTP protocol, as with a remote server.
 
+With `latency_ms`, sshfs reaches sshd through a delaying TCP proxy (tests/rigs/latency.py),
+half the round trip each way: the kernel here has no netem.
+
 `stall()` stops the sshfs process with SIGSTOP: every request that reaches it then waits,
 like a mount of an NFS server that stopped answering. `resume()` lets it go on.
 
@@ -18,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pwd
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -201,6 +206,7 @@ def _write_sshd_config(ssh_dir: Path, address: str) -> Path:
          "-f", str(client_key))
     authorized = ssh_dir / "authorized_keys"
     authorized.write_text((ssh_dir / "client_ed25519.pub").read_text())
+    authorized.chmod(0o644)
     config = ssh_dir / "sshd_config"
     config.write_text(
         f"ListenAddress {address}:{SSH_PORT}\n"
@@ -223,9 +229,40 @@ def _write_sshd_config(ssh_dir: Path, address: str) -> Path:
     return client_key
 
 
+def _allow_key_login(user: str) -> None:
+    """sshd refuses a "locked" account ("!" password, useradd's default for system users)
+    even for a key; "*" still allows no password but lets the key in."""
+    with open("/etc/shadow") as shadow:
+        locked = any(line.startswith(f"{user}:!") for line in shadow)
+    if locked:
+        _run("usermod", "-p", "*", user)
+
+
+def _start_latency_proxy(cleanup: contextlib.ExitStack, target: tuple[str, int],
+                         one_way_ms: float) -> int:
+    """Start the delaying proxy in front of `target`; returns the local port it listens on."""
+    proxy = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("latency.py")),
+         "--target", f"{target[0]}:{target[1]}", "--delay-ms", str(one_way_ms)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    )
+    assert proxy.stdout is not None
+    cleanup.callback(proxy.stdout.close)
+    cleanup.callback(_stop_process, proxy)
+    line = proxy.stdout.readline()
+    if not line.strip().isdigit():
+        raise RuntimeError(f"latency proxy did not start (exit {proxy.poll()}): {line!r}")
+    return int(line)
+
+
 @contextlib.contextmanager
-def sshfs_backing(tmp: Path) -> Iterator[SshfsMount]:
+def sshfs_backing(tmp: Path, latency_ms: float = 0.0, user: str = "root"
+                  ) -> Iterator[SshfsMount]:
     """An sshfs mount of `tmp/remote` at `tmp/sshfs`, served over TCP from a private netns.
+
+    `latency_ms` > 0 adds that much round trip between sshfs and sshd. The SFTP server runs
+    as `user`, who owns `tmp/remote`: files created through the mount belong to that user
+    whoever creates them, as with a real sshfs, so a mail store on it logs in as the mail user.
 
     `tmp` must be reachable by other users if the test acts as them (not pytest's tmp_path).
     """
@@ -238,8 +275,11 @@ def sshfs_backing(tmp: Path) -> Iterator[SshfsMount]:
     ssh_dir, remote_dir, mountpoint = tmp / "ssh", tmp / "remote", tmp / "sshfs"
     for path in (ssh_dir, remote_dir, mountpoint):
         path.mkdir(parents=True, exist_ok=True)
-    ssh_dir.chmod(0o700)
+    ssh_dir.chmod(0o711)  # sshd reads authorized_keys as the login user; the keys are 0600
     remote_dir.chmod(0o755)
+    account = pwd.getpwnam(user)
+    os.chown(remote_dir, account.pw_uid, account.pw_gid)
+    _allow_key_login(user)
     mountpoint.chmod(0o755)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
 
@@ -269,8 +309,13 @@ def sshfs_backing(tmp: Path) -> Iterator[SshfsMount]:
         cleanup.callback(_stop_sshd, netns, sshd)
         _wait_for_port(ns_addr, SSH_PORT, sshd, "sshd", sshd_log)
 
+        server, port = ns_addr, SSH_PORT
+        if latency_ms > 0:
+            port = _start_latency_proxy(cleanup, (ns_addr, SSH_PORT), latency_ms / 2)
+            server = "127.0.0.1"
         sshfs_log = ssh_dir / "sshfs.log"
         options = ",".join((
+            f"Port={port}",
             f"IdentityFile={client_key}",
             "IdentitiesOnly=yes",
             "StrictHostKeyChecking=no",
@@ -284,7 +329,7 @@ def sshfs_backing(tmp: Path) -> Iterator[SshfsMount]:
         with open(sshfs_log, "ab") as log:
             # -f: sshfs stays in the foreground, so we own its pid (the one stall() stops).
             sshfs = subprocess.Popen(
-                ["sshfs", "-f", f"root@{ns_addr}:{remote_dir}", str(mountpoint), "-o", options],
+                ["sshfs", "-f", f"{user}@{server}:{remote_dir}", str(mountpoint), "-o", options],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         cleanup.callback(_unmount, mountpoint, sshfs)
