@@ -19,4 +19,4 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) -m bench.run_all --replication
+	$(PY) -m bench.run_all --layout all --replication

@@ -1,13 +1,16 @@
-"""Dovecot on a local directory against Dovecot on a mailfs mount, under the same IMAP load.
+"""Dovecot in several storage setups side by side, under the same IMAP load.
 
-For each mail format, one Dovecot serves a plain directory and another serves a mailfs mount
-whose backing directory sits on the same disk. Rounds alternate which backend goes first
-(A,B then B,A ...) so that slow drifts of a shared, noisy machine hit both alike; every round
-uses fresh users, so each starts from the same mailbox state. The headline is the median
-of mailfs's rounds divided by the median of local's rounds.
+For each mail format, one Dovecot per setup (see SETUPS: mail and indexes on a local
+directory, on sshfs with added latency, on mailfs in either mode, on a two-node cluster)
+runs at once, idle until its turn. Rounds alternate the order of the setups (forward, then
+backward ...) so that slow drifts of a shared, noisy machine hit all alike; every round uses
+fresh users, so each starts from the same mailbox state. The headlines are ratios of medians
+between setups (COMPARISONS), against the targets the project set.
 
-    python -m bench.run_all                       # maildir and sdbox, 3 rounds of 20 s
-    python -m bench.run_all --only local --duration 5 --rounds 1   # check the harness
+    python -m bench.run_all                       # full overlay vs local: maildir, sdbox
+    python -m bench.run_all --layout index-only   # index-only mount vs INDEX= on local disk
+    python -m bench.run_all --layout all          # every setup, local and over sshfs
+    python -m bench.run_all --setups local,full --duration 5 --rounds 1   # check the harness
     python -m bench.run_all --replication         # then bench/replication.py as well
     python -m bench.run_all --replication-only    # only the replication benchmark
 """
@@ -38,12 +41,13 @@ if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
 from bench.imap_load import DEFAULT_MIX, LoadConfig, LoadResult, run_load  # noqa: E402
-from tests.rigs.dovecot import Dovecot, prepare_mail_root  # noqa: E402
+from tests.rigs.cluster import Cluster  # noqa: E402
+from tests.rigs.dovecot import MAIL_USER, Dovecot, prepare_mail_root  # noqa: E402
 from tests.rigs.mount import MailfsMount, is_mounted, run_cli  # noqa: E402
+from tests.rigs.sshfs import SshfsMount, sshfs_backing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PASSWORD = "bench-secret"
-BACKENDS = ("local", "mailfs")
 TICK = float(os.sysconf("SC_CLK_TCK"))
 DISTURBED = 0.15  # foreign CPU share above which a round is flagged as disturbed
 MAX_LOG_LINES = 8  # Dovecot/mailfs problem lines quoted per round
@@ -114,55 +118,137 @@ def system_cpu() -> tuple[float, float]:
     return float(sum(values) - idle), float(sum(values))
 
 
-# -- the two sides --------------------------------------------------------------------------
+# -- the setups -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    mail: str  # local | sshfs | full (mailfs over a local dir) | full-sshfs (mailfs over sshfs)
+    index: str  # with-mail (Dovecot's default) | local | index-only | index-only-sync2
+    description: str
+
+    @property
+    def on_sshfs(self) -> bool:
+        return "sshfs" in self.mail
+
+    @property
+    def on_mailfs(self) -> bool:
+        return self.mail.startswith("full") or self.index.startswith("index-only")
+
+
+SETUPS = {setup.name: setup for setup in (
+    Setup("local", "local", "with-mail", "Dovecot on a local directory"),
+    Setup("full", "full", "with-mail",
+          "the whole mail_location on a mailfs full overlay over a local directory"),
+    Setup("local-index", "local", "local",
+          "mail on a local directory, INDEX=/CONTROL= on another local directory"),
+    Setup("index-only", "local", "index-only",
+          "mail on a local directory, INDEX=/CONTROL= on an index-only mailfs mount"),
+    Setup("index-only-sync2", "local", "index-only-sync2",
+          "as index-only, the mount replicating to a second node with sync durability"),
+    Setup("sshfs", "sshfs", "with-mail", "Dovecot directly on sshfs"),
+    Setup("sshfs+local-index", "sshfs", "local",
+          "mail on sshfs, INDEX=/CONTROL= on a local directory (no replication)"),
+    Setup("sshfs+index-only", "sshfs", "index-only",
+          "mail on sshfs, INDEX=/CONTROL= on an index-only mailfs mount"),
+    Setup("full-sshfs", "full-sshfs", "with-mail",
+          "the whole mail_location on a mailfs full overlay over sshfs"),
+)}
+LAYOUTS = {
+    "full": ("local", "full"),
+    "index-only": ("local-index", "index-only"),
+    "all": ("local-index", "index-only", "index-only-sync2", "sshfs", "sshfs+local-index",
+            "sshfs+index-only", "local", "full"),
+}
+RESULT_STEMS = {"full": "imap_load", "index-only": "imap_index_only", "all": "imap_layouts"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    setup: str
+    against: str
+    targets: dict[str, float]  # format ("*": any) -> the ratio the project asks for
+
+    def target(self, fmt: str) -> float | None:
+        return self.targets.get(fmt, self.targets.get("*"))
+
+
+# What each setup is measured against, and the targets of issues 8 and 9.
+COMPARISONS = (
+    Comparison("full", "local", {"*": 0.4}),
+    Comparison("index-only", "local-index", {"maildir": 0.65, "sdbox": 0.75}),
+    Comparison("index-only-sync2", "local-index", {}),
+    Comparison("sshfs+index-only", "sshfs+local-index", {"*": 0.8}),
+    Comparison("sshfs+index-only", "sshfs", {"*": 2.0}),
+    Comparison("sshfs+local-index", "sshfs", {}),
+    Comparison("full-sshfs", "sshfs", {"*": 2.0}),
+)
 
 
 @dataclass
 class Side:
-    """One Dovecot, on a local directory or on a mailfs mount."""
+    """One Dovecot in one setup, with whatever mounts the setup needs."""
 
-    backend: str
+    setup: Setup
     fmt: str
     root: Path
     users: dict[str, str]
     mount_args: list[str] = field(default_factory=list)
-    layout: str = "full"  # or "index-only": mail local, INDEX/CONTROL on the mount
+    network: SshfsMount | None = None  # the format's sshfs, for setups that use it
     dovecot: Dovecot | None = None
-    mount: MailfsMount | None = None
+    mount: MailfsMount | None = None  # the mount Dovecot uses (node a of a cluster)
+    cluster: Cluster | None = None
     problems_seen: int = 0
     broken: str | None = None
 
     @property
-    def mountpoint(self) -> Path:
-        """The mailfs mount (or, for the local side, where it would be)."""
-        if self.layout == "index-only":
-            return self.root / ("mnt" if self.backend == "mailfs" else "index")
-        return self.root / ("mnt" if self.backend == "mailfs" else "mail")
+    def peer(self) -> MailfsMount | None:
+        return self.cluster[1].mount if self.cluster is not None else None
+
+    def _mail_root(self) -> Path:
+        if self.setup.on_sshfs:
+            assert self.network is not None, f"{self.setup.name} needs the sshfs"
+            base = self.network.mountpoint / self.root.name
+        else:
+            base = self.root
+        if self.setup.mail in ("local", "sshfs"):
+            return prepare_mail_root(base / "mail")
+        backing = prepare_mail_root(base / "backing")
+        mountpoint = prepare_mail_root(self.root / "mnt")
+        self.mount = MailfsMount(backing, mountpoint, self.root / "state", self.mount_args,
+                                 log_path=self.root / "mailfs.log").start()
+        return mountpoint
+
+    def _index_root(self) -> Path | None:
+        index = self.setup.index
+        if index == "with-mail":
+            return None
+        if index == "local":
+            return prepare_mail_root(self.root / "index")
+        if index == "index-only":
+            mountpoint = prepare_mail_root(self.root / "mnt")  # the root shows its owner
+            self.mount = MailfsMount(None, mountpoint, self.root / "state", self.mount_args,
+                                     log_path=self.root / "mailfs.log").start()
+            return mountpoint
+        (self.root / "cluster").mkdir()
+        cluster = Cluster(2, {"durability": "sync"}, base=self.root / "cluster",
+                          index_only=True)
+        self.cluster = cluster
+        for node in cluster.nodes:
+            prepare_mail_root(node.mountpoint)
+        cluster.start()
+        cluster.wait_connected()
+        self.mount = cluster[0].mount
+        return cluster[0].mountpoint
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
-        if self.layout == "index-only":
-            # Mail on a plain directory; INDEX= and CONTROL= on an index-only mount (or, for
-            # the local side, on a plain directory: Dovecot's own `:INDEX=` layout).
-            mail_root = prepare_mail_root(self.root / "mail")
-            index_root = prepare_mail_root(self.mountpoint)  # vmail's: the mount shows it
-            if self.backend == "mailfs":
-                self.mount = MailfsMount(None, index_root, self.root / "state",
-                                         self.mount_args,
-                                         log_path=self.root / "mailfs.log").start()
-            self.dovecot = Dovecot(self.root / "dovecot", mail_root, self.fmt, self.users,
-                                   index_root=index_root)
-            self.dovecot.start()
-            return
-        if self.backend == "mailfs":
-            backing = prepare_mail_root(self.root / "backing")
-            self.mount = MailfsMount(
-                backing, self.mountpoint, self.root / "state", self.mount_args,
-                log_path=self.root / "mailfs.log",
-            ).start()
-        prepare_mail_root(self.mountpoint)
-        self.dovecot = Dovecot(self.root / "dovecot", self.mountpoint, self.fmt, self.users)
+        mail_root = self._mail_root()
+        index_root = self._index_root()
+        self.dovecot = Dovecot(self.root / "dovecot", mail_root, self.fmt, self.users,
+                               index_root=index_root)
         self.dovecot.start()
 
     def stop(self) -> list[str]:
@@ -175,7 +261,12 @@ class Side:
                 trouble.append(f"{self.label}: dovecot stop: {exc}")
             finally:
                 self.dovecot.kill()
-        if self.mount is not None:
+        if self.cluster is not None:
+            try:
+                self.cluster.close()
+            except Exception as exc:
+                trouble.append(f"{self.label}: cluster close: {exc}")
+        elif self.mount is not None:
             try:
                 self.mount.stop()
             except Exception as exc:
@@ -186,27 +277,37 @@ class Side:
 
     @property
     def label(self) -> str:
-        return f"{self.fmt}/{self.backend}"
+        return f"{self.fmt}/{self.setup.name}"
 
     @property
     def dovecot_pid(self) -> int | None:
         process = self.dovecot.process if self.dovecot else None
         return process.pid if process else None
 
+    @staticmethod
+    def _pid(mount: MailfsMount | None) -> int | None:
+        process = mount.process if mount else None
+        return process.pid if process else None
+
     @property
     def mailfs_pid(self) -> int | None:
-        process = self.mount.process if self.mount else None
-        return process.pid if process else None
+        return self._pid(self.mount)
+
+    @property
+    def peer_pid(self) -> int | None:
+        return self._pid(self.peer)
 
     def health(self) -> str | None:
         """Why this side can no longer be measured, or None."""
-        if self.mount is not None:
-            process = self.mount.process
+        for mount in (self.mount, self.peer):
+            if mount is None:
+                continue
+            process = mount.process
             if process is None or process.poll() is not None:
                 code = None if process is None else process.returncode
-                return f"mailfs daemon exited (code {code})"
-            if not is_mounted(self.mountpoint):
-                return "mailfs mount disappeared"
+                return f"mailfs daemon at {mount.mountpoint} exited (code {code})"
+            if not is_mounted(mount.mountpoint):
+                return f"mailfs mount {mount.mountpoint} disappeared"
         if self.dovecot is not None and (
             self.dovecot.process is None or self.dovecot.process.poll() is not None
         ):
@@ -218,10 +319,12 @@ class Side:
         lines: list[str] = []
         if self.dovecot is not None:
             lines += [f"dovecot: {line}" for line in self.dovecot.log_problems(dovecot_mark)]
-        if self.mount is not None:
-            found = self.mount.problems()
-            lines += [f"mailfs: {line}" for line in found[self.problems_seen :]]
-            self.problems_seen = len(found)
+        if self.cluster is not None:
+            found = self.cluster.problems()
+        else:
+            found = self.mount.problems() if self.mount is not None else []
+        lines += [f"mailfs: {line}" for line in found[self.problems_seen :]]
+        self.problems_seen = len(found)
         return lines
 
     def mailfs_log_tail(self, lines: int = 40) -> list[str]:
@@ -233,14 +336,15 @@ class Round:
     fmt: str
     round: int
     position: int
-    backend: str
+    setup: str
     ops_per_s: float
     total_ops: int
     errors: int
     verified: int
     elapsed: float
     dovecot_cpu: float
-    mailfs_cpu: float | None
+    mailfs_cpu: float | None  # the daemon Dovecot uses
+    peer_cpu: float | None  # the second node's daemon, in a cluster setup
     client_cpu: float
     machine_busy: float  # fraction of all CPUs busy during the timed window
     machine_other: float  # fraction of all CPUs used by processes outside this benchmark
@@ -271,12 +375,13 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
     mark = side.dovecot.log_offset()
     sample: dict[str, float] = {}
     counters: list[dict[str, float] | None] = []
+    pids = {"dovecot": side.dovecot_pid, "mailfs": side.mailfs_pid, "peer": side.peer_pid}
 
     def on_start() -> None:
         if side.mount is not None:
-            counters.append(mailfs_counters(side.mountpoint))
-        sample["dovecot"] = tree_cpu(side.dovecot_pid)
-        sample["mailfs"] = tree_cpu(side.mailfs_pid)
+            counters.append(mailfs_counters(side.mount.mountpoint))
+        for name, pid in pids.items():
+            sample[name] = tree_cpu(pid)
         sample["busy"], sample["total"] = system_cpu()
 
     def on_end() -> None:
@@ -285,13 +390,13 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
         sample["total_s"] = max(1.0, total - sample["total"]) / TICK
         sample["busy"] = sample["busy_s"] / sample["total_s"]
         if side.mount is not None:
-            counters.append(mailfs_counters(side.mountpoint))
+            counters.append(mailfs_counters(side.mount.mountpoint))
         pid = side.dovecot_pid
         deadline = time.monotonic() + 5
         while pid and live_children_named(pid, "imap") and time.monotonic() < deadline:
             time.sleep(0.05)  # let the master reap the imap processes, to count their CPU
-        sample["dovecot"] = tree_cpu(pid) - sample.get("dovecot", 0.0)
-        sample["mailfs"] = tree_cpu(side.mailfs_pid) - sample.get("mailfs", 0.0)
+        for name, pid in pids.items():
+            sample[name] = tree_cpu(pid) - sample.get(name, 0.0)
 
     result: LoadResult = run_load(config, on_start=on_start, on_end=on_end)
     per_op = {
@@ -299,7 +404,7 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
         for name, stat in result.per_op().items()
     }
     elapsed = max((c.elapsed for c in result.clients), default=0.0)
-    ours = sample.get("dovecot", 0.0) + sample.get("mailfs", 0.0) + result.client_cpu_seconds
+    ours = sum(sample.get(name, 0.0) for name in pids) + result.client_cpu_seconds
     per_op_counters: dict[str, float] | None = None
     before, after = [*counters, None, None][:2]
     if before and after and result.total_ops:
@@ -307,11 +412,12 @@ def measure(side: Side, config: LoadConfig, round_no: int, position: int) -> tup
             key: (after[key] - before[key]) / result.total_ops for key in after if key in before
         }
     figures = Round(
-        fmt=side.fmt, round=round_no, position=position, backend=side.backend,
+        fmt=side.fmt, round=round_no, position=position, setup=side.setup.name,
         ops_per_s=result.ops_per_s, total_ops=result.total_ops, errors=result.total_errors,
         verified=result.verified,
         elapsed=elapsed, dovecot_cpu=sample.get("dovecot", 0.0),
         mailfs_cpu=sample.get("mailfs") if side.mount else None,
+        peer_cpu=sample.get("peer") if side.peer else None,
         client_cpu=result.client_cpu_seconds, machine_busy=sample.get("busy", 0.0),
         machine_other=max(0.0, sample.get("busy_s", 0.0) - ours) / sample.get("total_s", 1.0),
         per_op=per_op, fatal=result.fatal, error_samples=result.error_samples(),
@@ -366,38 +472,56 @@ class Run:
     root: Path
     rounds: list[Round] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    status: dict[str, object] = field(default_factory=dict)
+    # What went wrong in setups without mailfs (e.g. Dovecot's own dotlock races on sshfs):
+    # reported, but they say nothing about mailfs and do not fail the run.
+    baseline_problems: list[str] = field(default_factory=list)
+    status: dict[str, dict[str, object]] = field(default_factory=dict)
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def setups(self) -> list[Setup]:
+        return [SETUPS[name] for name in self.args.setup_list]
 
     def log(self, text: str) -> None:
         print(text, flush=True)
 
-    def problem(self, text: str) -> None:
+    def problem(self, text: str, side: Side | None = None) -> None:
+        if side is not None and not side.setup.on_mailfs:
+            self.baseline_problems.append(text)
+            print(f"BASELINE PROBLEM {text}", flush=True)
+            return
         self.problems.append(text)
         print(f"PROBLEM {text}", flush=True)
 
     def run_format(self, fmt: str) -> None:
+        with contextlib.ExitStack() as network_scope:
+            network = None
+            if any(setup.on_sshfs for setup in self.setups):
+                # One sshfs per format, shared by its sshfs setups; as the mail user, who then
+                # owns what Dovecot creates on it, as on a real sshfs.
+                network = network_scope.enter_context(sshfs_backing(
+                    self.root / fmt / "network", latency_ms=self.args.sshfs_latency_ms,
+                    user=MAIL_USER))
+            self._run_sides(fmt, network)
+
+    def _run_sides(self, fmt: str, network: SshfsMount | None) -> None:
         args = self.args
         users = {
             user: PASSWORD
             for tag in ["w", *(f"r{r}" for r in range(args.rounds))]
             for user in round_users(tag, args.clients, args.clients_per_user)
         }
-        sides = [
-            Side(backend, fmt, self.root / fmt / backend, users, list(args.mailfs_arg),
-                 layout=args.layout)
-            for backend in BACKENDS
-            if args.only in (None, backend)
-        ]
+        sides = [Side(setup, fmt, self.root / fmt / setup.name, users, list(args.mailfs_arg),
+                      network=network)
+                 for setup in self.setups]
         live: list[Side] = []
         try:
             for side in sides:
+                live.append(side)  # so that stop() clears whatever did start
                 try:
                     side.start()
-                    live.append(side)
                 except Exception as exc:
                     self.problem(f"{side.label}: could not start: {exc}")
-                    live.append(side)  # so that stop() clears whatever did start
                     side.broken = "did not start"
             usable = [side for side in live if side.broken is None]
             if args.warmup > 0:
@@ -425,7 +549,8 @@ class Run:
                         self.rounds.append(figures)
             for side in usable:
                 if side.mount is not None and side.broken is None:
-                    self.status[fmt] = mailfs_status(side.mountpoint)
+                    self.status.setdefault(fmt, {})[side.setup.name] = \
+                        mailfs_status(side.mount.mountpoint)
         finally:
             for side in live:
                 for trouble in side.stop():
@@ -441,7 +566,7 @@ class Run:
             return None
         mailfs_ms = figures.per_op_ms(figures.mailfs_cpu)
         self.log(
-            f"{side.label:<15} {name:<8} {figures.ops_per_s:9.1f} ops/s  "
+            f"{side.label:<26} {name:<8} {figures.ops_per_s:9.1f} ops/s  "
             f"{figures.total_ops:6d} ops  {figures.errors} errors  "
             f"dovecot {figures.per_op_ms(figures.dovecot_cpu) or 0:.2f} ms/op"
             + (f"  mailfs {mailfs_ms:.2f} ms/op" if mailfs_ms is not None else "")
@@ -450,23 +575,23 @@ class Run:
         if figures.errors or figures.fatal or trouble:
             self.problem(
                 f"{side.label} {name}: {figures.errors} IMAP errors, "
-                f"{len(figures.fatal)} clients gave up"
+                f"{len(figures.fatal)} clients gave up", side
             )
             shown = [*figures.fatal, *figures.error_samples[:10], *trouble[:MAX_LOG_LINES]]
             if len(trouble) > MAX_LOG_LINES:
                 shown.append(f"... and {len(trouble) - MAX_LOG_LINES} more log lines")
             for line in shown:
-                self.problem(f"  {line}")
+                self.problem(f"  {line}", side)
         why = side.health()
         if why is not None:
             side.broken = why
-            self.problem(f"{side.label} after {name}: {why}")
+            self.problem(f"{side.label} after {name}: {why}", side)
             for line in side.mailfs_log_tail():
-                self.problem(f"  mailfs log: {line}")
+                self.problem(f"  mailfs log: {line}", side)
         return figures if round_no >= 0 else None
 
 
-def mailfs_status(mountpoint: Path) -> object:
+def mailfs_status(mountpoint: Path) -> dict[str, object]:
     try:
         result = run_cli("status", str(mountpoint), "--json", timeout=15)
     except Exception as exc:
@@ -474,9 +599,10 @@ def mailfs_status(mountpoint: Path) -> object:
     if result.returncode != 0:
         return {"unavailable": (result.stderr or result.stdout).strip()[:500]}
     try:
-        return json.loads(result.stdout)
+        found = json.loads(result.stdout)
     except ValueError:
         return {"raw": result.stdout[:2000]}
+    return found if isinstance(found, dict) else {"raw": found}
 
 
 # -- machine description and summaries ---------------------------------------------------------
@@ -525,58 +651,95 @@ def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def best_ratio(local: Sequence[Round], mailfs: Sequence[Round]) -> float | None:
-    if not local or not mailfs:
-        return None
-    return max(r.ops_per_s for r in mailfs) / max(r.ops_per_s for r in local)
-
-
 def median_ms(rounds: Sequence[Round], attr: str) -> float | None:
     """Median over rounds of a CPU counter (seconds) per IMAP operation, in ms."""
     values = [v for r in rounds if (v := r.per_op_ms(getattr(r, attr))) is not None]
     return median(values)
 
 
+def median_counter(rounds: Sequence[Round], key: str) -> float | None:
+    return median([r.mailfs_counters[key] for r in rounds
+                   if r.mailfs_counters and key in r.mailfs_counters])
+
+
 @dataclass
-class Summary:
+class SetupSummary:
     fmt: str
-    local: float | None
-    mailfs: float | None
-    ratio: float | None  # median(mailfs) / median(local)
-    paired: list[float]  # mailfs / local for each round where both ran
-    mailfs_ms_per_op: float | None
-    local_dovecot_ms: float | None
-    mailfs_dovecot_ms: float | None
-    failed: dict[str, int]  # rounds left out of the medians, per backend
-    best_ratio: float | None  # best mailfs round / best local round: noise only slows down
+    setup: str
+    ops_per_s: float | None  # median over rounds that did not fail
+    rounds: list[float]
+    failed: int  # rounds left out of the median
     disturbed: int  # rounds where other processes used much of the machine
+    dovecot_ms_per_op: float | None
+    mailfs_ms_per_op: float | None
+    peer_ms_per_op: float | None
+    requests_per_op: float | None
 
 
-def summarize(rounds: list[Round], formats: Sequence[str]) -> list[Summary]:
-    summaries: list[Summary] = []
+@dataclass
+class ComparisonSummary:
+    fmt: str
+    setup: str
+    against: str
+    ratio: float | None  # median(setup) / median(against)
+    paired: list[float]  # setup / against in each round where both ran
+    best_ratio: float | None  # best round / best round: noise only ever slows a round down
+    target: float | None
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio >= self.target
+
+
+def good_rounds(rounds: Sequence[Round], fmt: str, setup: str) -> list[Round]:
+    return [r for r in rounds if r.fmt == fmt and r.setup == setup and not r.failed]
+
+
+def summarize(rounds: list[Round], formats: Sequence[str], setups: Sequence[Setup]
+              ) -> list[SetupSummary]:
+    summaries: list[SetupSummary] = []
     for fmt in formats:
-        mine = [r for r in rounds if r.fmt == fmt]
-        by_backend = {b: [r for r in mine if r.backend == b and not r.failed] for b in BACKENDS}
-        local = median([r.ops_per_s for r in by_backend["local"]])
-        mailfs = median([r.ops_per_s for r in by_backend["mailfs"]])
-        local_by_round = {r.round: r.ops_per_s for r in by_backend["local"]}
-        paired = [
-            r.ops_per_s / local_by_round[r.round]
-            for r in by_backend["mailfs"]
-            if local_by_round.get(r.round)
-        ]
-
-        summaries.append(Summary(
-            fmt=fmt, local=local, mailfs=mailfs,
-            ratio=mailfs / local if local and mailfs is not None else None, paired=paired,
-            mailfs_ms_per_op=median_ms(by_backend["mailfs"], "mailfs_cpu"),
-            local_dovecot_ms=median_ms(by_backend["local"], "dovecot_cpu"),
-            mailfs_dovecot_ms=median_ms(by_backend["mailfs"], "dovecot_cpu"),
-            failed={b: sum(1 for r in mine if r.backend == b and r.failed) for b in BACKENDS},
-            best_ratio=best_ratio(by_backend["local"], by_backend["mailfs"]),
-            disturbed=sum(1 for r in mine if r.machine_other > DISTURBED),
-        ))
+        for setup in setups:
+            mine = [r for r in rounds if r.fmt == fmt and r.setup == setup.name]
+            good = [r for r in mine if not r.failed]
+            summaries.append(SetupSummary(
+                fmt=fmt, setup=setup.name, ops_per_s=median([r.ops_per_s for r in good]),
+                rounds=[r.ops_per_s for r in good], failed=len(mine) - len(good),
+                disturbed=sum(1 for r in mine if r.machine_other > DISTURBED),
+                dovecot_ms_per_op=median_ms(good, "dovecot_cpu"),
+                mailfs_ms_per_op=median_ms(good, "mailfs_cpu"),
+                peer_ms_per_op=median_ms(good, "peer_cpu"),
+                requests_per_op=median_counter(good, "requests_total"),
+            ))
     return summaries
+
+
+def compare(rounds: list[Round], formats: Sequence[str], setups: Sequence[Setup]
+            ) -> list[ComparisonSummary]:
+    names = {setup.name for setup in setups}
+    found: list[ComparisonSummary] = []
+    for fmt in formats:
+        for comparison in COMPARISONS:
+            if not {comparison.setup, comparison.against} <= names:
+                continue
+            mine = good_rounds(rounds, fmt, comparison.setup)
+            theirs = good_rounds(rounds, fmt, comparison.against)
+            mine_median = median([r.ops_per_s for r in mine])
+            theirs_median = median([r.ops_per_s for r in theirs])
+            theirs_by_round = {r.round: r.ops_per_s for r in theirs}
+            found.append(ComparisonSummary(
+                fmt=fmt, setup=comparison.setup, against=comparison.against,
+                ratio=(mine_median / theirs_median
+                       if mine_median is not None and theirs_median else None),
+                paired=[r.ops_per_s / theirs_by_round[r.round] for r in mine
+                        if theirs_by_round.get(r.round)],
+                best_ratio=(max(r.ops_per_s for r in mine) / max(r.ops_per_s for r in theirs)
+                            if mine and theirs else None),
+                target=comparison.target(fmt),
+            ))
+    return found
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -602,37 +765,42 @@ def with_failed(value: float | None, failed: int) -> str:
 def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str:
     args = run.args
     lines = [
-        "mailfs IMAP load benchmark: Dovecot on a local directory vs on a mailfs mount",
+        "mailfs IMAP load benchmark: Dovecot in several storage setups, side by side",
         f"date: {run.started:%Y-%m-%d %H:%M:%S} UTC",
         "",
         "machine:",
         *(f"  {key}: {value}" for key, value in info.items()),
         "",
         "config:",
-        f"  formats: {', '.join(formats)}; backends: {args.only or 'local, mailfs'}; "
-        f"layout: {args.layout}" + (" (mail on a local directory; INDEX=/CONTROL= on a local "
-                                    "directory vs an index-only mailfs mount)"
-                                    if args.layout == "index-only" else ""),
+        f"  formats: {', '.join(formats)}",
+        "  setups:",
+        *(f"    {setup.name}: {setup.description}" for setup in run.setups),
+        *([f"  sshfs: from sshd in a network namespace, {args.sshfs_latency_ms:g} ms round "
+           "trip added by a delaying TCP proxy (tests/rigs/latency.py)"]
+          if any(setup.on_sshfs for setup in run.setups) else []),
+        "  every local directory, backing directory and mailfs state dir on the same disk",
         f"  {args.clients} client processes, {args.clients_per_user} per user "
         "(fresh users every round), "
         f"{args.populate} messages pre-filled per user",
-        f"  {args.rounds} rounds x {args.duration:g} s per backend, order alternating "
-        f"(A,B / B,A), warm-up {args.warmup:g} s",
+        f"  {args.rounds} rounds x {args.duration:g} s per setup, order alternating "
+        f"(forward / backward), warm-up {args.warmup:g} s",
         f"  mailfs extra args: {' '.join(args.mailfs_arg) or '(none)'}",
         "  mix (weights): " + ", ".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()),
         "",
-        "per round (cpu columns: CPU ms per IMAP operation; mailfs core: the daemon's CPU as a",
-        "share of one core; busy: share of all CPUs used; verified: whole-body FETCHes that",
-        "matched the appended bytes; other: share of all CPUs used by processes outside this",
-        f"benchmark, '!' above {100 * DISTURBED:.0f} %, i.e. the round was disturbed):",
+        "per round (cpu columns: CPU ms per IMAP operation, mailfs = the daemon Dovecot uses,",
+        "peer = the second node's daemon; mailfs core: the daemon's CPU as a share of one core;",
+        "busy: share of all CPUs used; verified: whole-body FETCHes that matched the appended",
+        "bytes; other: share of all CPUs used by processes outside this benchmark (the sshfs",
+        f"and sshd of the sshfs setups count as outside), '!' above {100 * DISTURBED:.0f} %):",
     ]
     rows = [
         [
-            r.fmt, str(r.round + 1), str(r.position + 1), r.backend,
+            r.fmt, str(r.round + 1), str(r.position + 1), r.setup,
             "FAILED" if r.failed else fmt_num(r.ops_per_s),
             str(r.total_ops), str(r.errors), str(r.verified),
             fmt_num(r.per_op_ms(r.dovecot_cpu), 3),
             fmt_num(r.per_op_ms(r.mailfs_cpu), 3),
+            fmt_num(r.per_op_ms(r.peer_cpu), 3),
             "-" if r.mailfs_core is None else f"{100 * r.mailfs_core:.0f}%",
             fmt_num(r.per_op_ms(r.client_cpu), 3),
             f"{100 * r.machine_busy:.0f}%",
@@ -641,69 +809,82 @@ def render_report(run: Run, info: dict[str, str], formats: Sequence[str]) -> str
         for r in run.rounds
     ]
     lines += table(
-        ["format", "round", "order", "backend", "ops/s", "ops", "errors", "verified", "dovecot cpu",
-         "mailfs cpu", "mailfs core", "client cpu", "busy", "other"],
+        ["format", "round", "order", "setup", "ops/s", "ops", "errors", "verified",
+         "dovecot cpu", "mailfs cpu", "peer cpu", "mailfs core", "client cpu", "busy", "other"],
         rows,
     )
-    summaries = summarize(run.rounds, formats)
-    lines += [
-        "",
-        "summary (medians over rounds that did not fail; ratio = median mailfs / median local):",
-    ]
+    lines += ["", "per setup (medians over rounds that did not fail):"]
     lines += table(
-        ["format", "local ops/s", "mailfs ops/s", "ratio", "per-round ratios", "best-of ratio",
-         "disturbed", "mailfs cpu ms/op", "dovecot cpu ms/op local/mailfs"],
+        ["format", "setup", "ops/s", "rounds", "disturbed", "mailfs requests/op",
+         "mailfs cpu ms/op", "peer cpu ms/op", "dovecot cpu ms/op"],
         [
-            [
-                s.fmt, with_failed(s.local, s.failed["local"]),
-                with_failed(s.mailfs, s.failed["mailfs"]), fmt_num(s.ratio, 3),
-                " ".join(f"{p:.3f}" for p in s.paired) or "-", fmt_num(s.best_ratio, 3),
-                str(s.disturbed), fmt_num(s.mailfs_ms_per_op, 3),
-                f"{fmt_num(s.local_dovecot_ms, 3)} / {fmt_num(s.mailfs_dovecot_ms, 3)}",
-            ]
-            for s in summaries
+            [s.fmt, s.setup, with_failed(s.ops_per_s, s.failed),
+             " ".join(f"{v:.0f}" for v in s.rounds) or "-", str(s.disturbed),
+             fmt_num(s.requests_per_op, 2), fmt_num(s.mailfs_ms_per_op, 3),
+             fmt_num(s.peer_ms_per_op, 3), fmt_num(s.dovecot_ms_per_op, 3)]
+            for s in summarize(run.rounds, formats, run.setups)
         ],
     )
+    comparisons = compare(run.rounds, formats, run.setups)
+    if comparisons:
+        lines += ["", "ratios (median / median; per round: same round; best-of: best round / "
+                  "best round; target: what the project asks for):"]
+        lines += table(
+            ["format", "setup / against", "ratio", "per-round ratios", "best-of", "target",
+             "met"],
+            [
+                [c.fmt, f"{c.setup} / {c.against}", fmt_num(c.ratio, 3),
+                 " ".join(f"{p:.3f}" for p in c.paired) or "-", fmt_num(c.best_ratio, 3),
+                 "-" if c.target is None else f">= {c.target:g}",
+                 {None: "-", True: "yes", False: "NO"}[c.met]]
+                for c in comparisons
+            ],
+        )
     counter_rows = []
     for fmt in formats:
-        measured = [r.mailfs_counters for r in run.rounds
-                    if r.fmt == fmt and r.mailfs_counters and not r.failed]
-        if measured:
-            counter_rows.append([fmt] + [
-                fmt_num(median([m[key] for m in measured if key in m] or [0.0]), 2)
-                for key in COUNTER_COLUMNS
-            ])
+        for setup in run.setups:
+            measured = [r.mailfs_counters for r in good_rounds(run.rounds, fmt, setup.name)
+                        if r.mailfs_counters]
+            if measured:
+                counter_rows.append([fmt, setup.name] + [
+                    fmt_num(median([m[key] for m in measured if key in m] or [0.0]), 2)
+                    for key in COUNTER_COLUMNS
+                ])
     if counter_rows:
         lines += ["", "mailfs daemon counters per IMAP operation (mailfs status, round median):"]
-        lines += table(["format", *COUNTER_COLUMNS], counter_rows)
+        lines += table(["format", "setup", *COUNTER_COLUMNS], counter_rows)
     for fmt in formats:
-        merged: dict[str, dict[str, dict[str, float]]] = {b: {} for b in BACKENDS}
-        for r in run.rounds:
-            if r.fmt != fmt:
-                continue
-            for name, stat in r.per_op.items():
-                into = merged[r.backend].setdefault(name, {"count": 0, "seconds": 0.0})
-                into["count"] += stat["count"]
-                into["seconds"] += stat["seconds"]
-        names = sorted(set(merged["local"]) | set(merged["mailfs"]))
-        if not names:
-            continue
-
-        def mean(backend: str, name: str, merged: dict[str, dict[str, dict[str, float]]] = merged
-                 ) -> float | None:
-            stat = merged[backend].get(name)
-            return 1000 * stat["seconds"] / stat["count"] if stat and stat["count"] else None
-
-        lines += ["", f"{fmt}: mean latency per operation, ms (all rounds):"]
-        rows = []
-        for name in names:
-            local, mailfs = mean("local", name), mean("mailfs", name)
-            slower = mailfs / local if local and mailfs is not None else None
-            rows.append([name, fmt_num(local, 2), fmt_num(mailfs, 2), fmt_num(slower, 2)])
-        lines += table(["operation", "local", "mailfs", "mailfs/local"], rows)
+        lines += latency_table(run, fmt)
     lines += ["", "problems:" if run.problems else "problems: none"]
     lines += [f"  {p}" for p in run.problems]
+    if run.baseline_problems:
+        lines += ["", "problems in setups without mailfs (Dovecot's own, not counted):"]
+        lines += [f"  {p}" for p in run.baseline_problems]
     return "\n".join(lines) + "\n"
+
+
+def latency_table(run: Run, fmt: str) -> list[str]:
+    merged: dict[str, dict[str, list[float]]] = {}  # setup -> operation -> [count, seconds]
+    for r in run.rounds:
+        if r.fmt != fmt:
+            continue
+        for name, stat in r.per_op.items():
+            into = merged.setdefault(r.setup, {}).setdefault(name, [0.0, 0.0])
+            into[0] += stat["count"]
+            into[1] += stat["seconds"]
+    names = sorted({name for ops in merged.values() for name in ops})
+    setups = [setup.name for setup in run.setups if setup.name in merged]
+    if not names:
+        return []
+
+    def mean(setup: str, name: str) -> float | None:
+        count, seconds = merged[setup].get(name, (0.0, 0.0))
+        return 1000 * seconds / count if count else None
+
+    return ["", f"{fmt}: mean latency per operation, ms (all rounds):", *table(
+        ["operation", *setups],
+        [[name, *(fmt_num(mean(setup, name), 2) for setup in setups)] for name in names],
+    )]
 
 
 def render_chart(run: Run, formats: Sequence[str], path: Path) -> None:
@@ -712,49 +893,54 @@ def render_chart(run: Run, formats: Sequence[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summaries = summarize(run.rounds, formats)
-    backends = [b for b in BACKENDS if run.args.only in (None, b)]
-    colors = {"local": "#7f7f7f", "mailfs": "#1f77b4"}
-    width = 0.8 / len(backends)
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.6 * len(formats)), 4.5))
-    tallest = 0.0
-    for b_index, backend in enumerate(backends):
-        xs = [f_index + (b_index - (len(backends) - 1) / 2) * width
-              for f_index in range(len(formats))]
-        heights = [getattr(s, backend) or 0.0 for s in summaries]
-        tallest = max([tallest, *heights])
-        ax.bar(xs, heights, width * 0.92, label=f"{backend} (median)", color=colors[backend])
-        for x, fmt in zip(xs, formats, strict=True):
-            points = [
-                r.ops_per_s for r in run.rounds
-                if r.fmt == fmt and r.backend == backend and not r.failed
-            ]
-            tallest = max([tallest, *points])
-            ax.scatter([x] * len(points), points, s=14, color="black", zorder=3,
-                       label="rounds" if (b_index, fmt) == (0, formats[0]) else None)
-    for f_index, summary in enumerate(summaries):
-        if summary.ratio is None and summary.failed["mailfs"]:
-            ax.annotate(f"mailfs: {summary.failed['mailfs']} rounds FAILED", (f_index, 0),
-                        xytext=(0, 20), textcoords="offset points", ha="center",
-                        fontsize=9, color="red")
-        if summary.ratio is not None:
-            top = max(
-                [summary.local or 0.0, summary.mailfs or 0.0]
-                + [r.ops_per_s for r in run.rounds if r.fmt == summary.fmt and not r.failed]
-            )
-            ax.annotate(f"mailfs/local = {summary.ratio:.2f}", (f_index, top),
-                        xytext=(0, 10), textcoords="offset points", ha="center", fontsize=9)
-    ax.set_xticks(range(len(formats)), formats)
-    ax.set_ylabel("IMAP operations per second")
-    ax.set_ylim(0, tallest * 1.3 or 1)
-    ax.set_title(
-        f"Dovecot IMAP load, {run.args.clients} clients, {run.args.rounds} x "
-        f"{run.args.duration:g} s rounds\n{run.started:%Y-%m-%d %H:%M} UTC, "
-        f"{os.cpu_count()} CPUs, kernel {platform.release()}",
-        fontsize=10,
+    setups = run.setups
+    summaries = {(s.fmt, s.setup): s for s in summarize(run.rounds, formats, setups)}
+    comparisons = compare(run.rounds, formats, setups)
+    fig, (bars, ratios) = plt.subplots(
+        1, 2, figsize=(max(9.0, 1.1 * len(setups) * len(formats) + 5), 5.0),
+        gridspec_kw={"width_ratios": [3, 2]},
     )
-    ax.legend(fontsize=8, loc="upper center", ncols=3)
-    ax.grid(axis="y", alpha=0.3)
+    colors = plt.get_cmap("tab10")
+    width = 0.8 / len(setups)
+    tallest = 0.0
+    for s_index, setup in enumerate(setups):
+        xs = [f_index + (s_index - (len(setups) - 1) / 2) * width
+              for f_index in range(len(formats))]
+        heights = [summaries[(fmt, setup.name)].ops_per_s or 0.0 for fmt in formats]
+        tallest = max([tallest, *heights])
+        bars.bar(xs, heights, width * 0.92, label=setup.name, color=colors(s_index % 10))
+        for x, fmt in zip(xs, formats, strict=True):
+            points = summaries[(fmt, setup.name)].rounds
+            tallest = max([tallest, *points])
+            bars.scatter([x] * len(points), points, s=10, color="black", zorder=3)
+            if summaries[(fmt, setup.name)].failed:
+                bars.annotate("FAILED", (x, 0), xytext=(0, 4), textcoords="offset points",
+                              ha="center", fontsize=7, color="red", rotation=90)
+    bars.set_xticks(range(len(formats)), formats)
+    bars.set_ylabel("IMAP operations per second (median; dots: rounds)")
+    bars.set_ylim(0, tallest * 1.15 or 1)
+    bars.legend(fontsize=7, loc="upper right")
+    bars.grid(axis="y", alpha=0.3)
+    bars.set_title(
+        f"Dovecot IMAP load, {run.args.clients} clients ({run.args.clients_per_user} per user), "
+        f"{run.args.rounds} x {run.args.duration:g} s\n{run.started:%Y-%m-%d %H:%M} UTC, "
+        f"{os.cpu_count()} CPUs, kernel {platform.release()}",
+        fontsize=9,
+    )
+    labels = [f"{c.fmt}: {c.setup} / {c.against}" for c in comparisons]
+    values = [c.ratio or 0.0 for c in comparisons]
+    ys = list(range(len(comparisons)))
+    ratios.barh(ys, values, color=["#2ca02c" if c.met else "#d62728" if c.met is False
+                                   else "#7f7f7f" for c in comparisons])
+    for y, c in zip(ys, comparisons, strict=True):
+        if c.target is not None:
+            ratios.plot([c.target, c.target], [y - 0.4, y + 0.4], color="black", linewidth=2)
+        ratios.annotate(fmt_num(c.ratio, 2), (c.ratio or 0.0, y), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=8)
+    ratios.set_yticks(ys, labels, fontsize=7)
+    ratios.invert_yaxis()
+    ratios.set_xlabel("ratio of medians (black bar: target; green: met, red: missed)")
+    ratios.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -776,16 +962,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--populate", type=int, default=60, help="messages per user up front")
     parser.add_argument("--formats", default="maildir,sdbox")
     parser.add_argument("--mdbox", action="store_true", help="add mdbox to the formats")
-    parser.add_argument("--only", choices=BACKENDS, help="run one backend only")
-    parser.add_argument("--layout", choices=("full", "index-only"), default="full",
-                        help="full: the whole mail_location on the mount; index-only: mail "
-                             "on a local directory, INDEX=/CONTROL= on the mount (and, for "
-                             "the local side, on a local directory)")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="full",
+                        help="which setups to run: " + "; ".join(
+                            f"{name}: {', '.join(names)}" for name, names in LAYOUTS.items()))
+    parser.add_argument("--setups", help="comma-separated setups instead of a layout's: "
+                        + ", ".join(SETUPS))
+    parser.add_argument("--sshfs-latency-ms", type=float, default=1.0,
+                        help="round trip added to the sshfs of the sshfs setups")
     parser.add_argument("--mailfs-arg", action="append", default=[],
-                        help="extra argument for `mailfs mount` (repeat; use --mailfs-arg=--x)")
+                        help="extra argument for `mailfs mount` of single mounts (repeat; "
+                             "use --mailfs-arg=--x)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
-                        help="where the mail, backing dirs and mount live (same disk for both)")
+                        help="where the mail, backing dirs and mounts live (one disk for all)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     parser.add_argument("--replication", action="store_true",
@@ -800,6 +989,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.mdbox and "mdbox" not in formats:
         formats.append("mdbox")
     args.format_list = formats
+    if args.setups:
+        args.setup_list = [name.strip() for name in args.setups.split(",") if name.strip()]
+        unknown = [name for name in args.setup_list if name not in SETUPS]
+        if unknown:
+            parser.error(f"unknown setups {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+        args.result_stem = "imap_" + "_".join(args.setup_list).replace("-", "_").replace(
+            "+", "_")
+    else:
+        args.setup_list = list(LAYOUTS[args.layout])
+        args.result_stem = RESULT_STEMS[args.layout]
     if os.geteuid() != 0:
         parser.error("must run as root (Dovecot drops to the vmail user, mailfs mounts FUSE)")
     return args
@@ -842,21 +1041,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = machine_info(root)
         run = Run(args, root)
         for fmt in formats:
-            run.run_format(fmt)
+            try:
+                run.run_format(fmt)
+            except Exception as exc:  # e.g. the sshfs rig could not start: say so, go on
+                run.problem(f"{fmt}: {exc!r}")
         if run.problems:
             keep[0] = True  # the logs in it are the evidence
         args.results.mkdir(parents=True, exist_ok=True)
         report = render_report(run, info, formats)
-        stem = "imap_load" if args.layout == "full" else "imap_index_only"
+        stem = args.result_stem
         (args.results / f"{stem}.txt").write_text(report)
         render_chart(run, formats, args.results / f"{stem}.png")
         dump = {
             "machine": info,
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rounds": [asdict(r) for r in run.rounds],
-            "summary": [asdict(s) for s in summarize(run.rounds, formats)],
+            "setups": [asdict(s) for s in summarize(run.rounds, formats, run.setups)],
+            "ratios": [asdict(c) for c in compare(run.rounds, formats, run.setups)],
             "mailfs_status": run.status,
             "problems": run.problems,
+            "baseline_problems": run.baseline_problems,
         }
         (args.results / f"{stem}.json").write_text(json.dumps(dump, indent=1) + "\n")
         print()

@@ -98,6 +98,9 @@ class MailFS:
         self.volatile: dict[tuple[bytes, bytes], VolatileFile] = {}
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirListing] = {}
+        # Passthrough files whose backing names are changing right now (a rename, link or
+        # unlink between its backing call and our table update): inode -> set when done.
+        self.name_changes: dict[int, trio.Event] = {}
         self._imports: dict[int, trio.Event] = {}
         self.getattr_by_kind: Counter[str] = Counter()
         self._next_fh = 1
@@ -293,8 +296,70 @@ class MailFS:
                     raise
         if node.detached:
             raise oserror(errno.ESTALE)
-        relative = self.table.child_path(self.table.nodes[node.parent], node.name)
-        return await self._backing_stat(relative)
+        _, st = await self._by_name(node, _lstat_as_open)
+        return st
+
+    async def _open_by_name(self, node: Node, flags: int) -> tuple[int, os.stat_result]:
+        """Open a passthrough file through any of its backing names."""
+        truncate = bool(flags & os.O_TRUNC)
+        fd, st = await self._by_name(node, _open_stat, flags & ~os.O_TRUNC)
+        if truncate:  # only once the name is known to be this file's
+            try:
+                st = await self.backing.run(_truncate_fd, fd)
+            except BaseException:
+                await self.backing.run(os.close, fd)
+                raise
+        return fd, st
+
+    async def _by_name(self, node: Node, opener: Callable[..., tuple[int, os.stat_result]],
+                       *args: Any) -> tuple[int, os.stat_result]:
+        """`opener(path, *args)` on the backing name of a passthrough file the kernel asks for
+        by inode: (fd or -1, stat) of the first name that still is this file.
+
+        The kernel does not lock a file against open or stat while another process unlinks
+        or renames one of its names, so the name we know may already be gone from the
+        backing store, with our table updated a moment later (a message moved with link,
+        then expunged from the source, is opened through its new name in that window).
+        So every name of the file is tried, a name now holding another file is refused,
+        and when none works while a name change is in flight, we wait for it and retry.
+        """
+        while True:
+            version = node.names_version
+            for relative in self._backing_names(node):
+                try:
+                    fd, st = await self.backing.run_undoable(
+                        _close_opened, opener, self.backing.path(relative), *args)
+                except FileNotFoundError:
+                    continue
+                if backing_identity(st) == node.backing_ino:
+                    return fd, st
+                if fd >= 0:
+                    await self.backing.run(os.close, fd)
+            pending = self.name_changes.get(node.inode)
+            if pending is not None:
+                await pending.wait()
+            elif node.names_version == version:
+                raise oserror(errno.ENOENT)
+
+    def _backing_names(self, node: Node) -> list[bytes]:
+        names = [] if node.detached else [(node.parent, node.name)]
+        return [self.table.child_path(self.table.nodes[parent], name)
+                for parent, name in [*names, *node.aliases] if parent in self.table.nodes]
+
+    @contextlib.contextmanager
+    def _changing_names(self, node: Node | None) -> Iterator[None]:
+        """Around a backing rename, link or unlink and the table update that follows it."""
+        if node is None or node.kind is not Kind.PASSTHROUGH:
+            yield
+            return
+        done = self.name_changes[node.inode] = trio.Event()
+        try:
+            yield
+        finally:
+            node.names_version += 1
+            if self.name_changes.get(node.inode) is done:
+                del self.name_changes[node.inode]
+            done.set()
 
     def _open_fd(self, node: Node) -> BackingFd | None:
         if node.opens:
@@ -526,11 +591,13 @@ class MailFS:
                 raise oserror(errno.ENOENT)
             self._volatile_lost_link(volatile)
         else:
-            parent_st = await self.backing.run(
-                _unlink, self.backing.path(self.table.child_path(parent, name)),
-                self.backing.path(dirpath))
-            self._remember_dir_stat(parent, parent_st)
-            self.table.unplace(parent.inode, name)
+            known = self.table.entries.get((parent.inode, name))
+            with self._changing_names(self.table.nodes.get(known) if known else None):
+                parent_st = await self.backing.run(
+                    _unlink, self.backing.path(self.table.child_path(parent, name)),
+                    self.backing.path(dirpath))
+                self._remember_dir_stat(parent, parent_st)
+                self.table.unplace(parent.inode, name)
 
     def _release_if_unused(self, fid: int) -> None:
         inode = self.table.fid_inode.get(fid)
@@ -662,18 +729,21 @@ class MailFS:
             (await self._backing_stat(old_rel)).st_mode)
         if is_dir and (self.store.names_in(new_rel) or self._volatile_in(new_rel)):
             raise oserror(errno.ENOTEMPTY)
-        src_st, dst_st = await self.backing.run(
-            _rename, self.backing.path(old_rel), self.backing.path(new_rel), noreplace,
-            self.backing.path(self.table.dirpath(src_dir)),
-            self.backing.path(self.table.dirpath(dst_dir)))
-        self._remember_dir_stat(src_dir, src_st)
-        self._remember_dir_stat(dst_dir, dst_st)
-        if is_dir:
-            self.store.rename_dir(old_rel, new_rel)
-            self._rename_volatile_dir(old_rel, new_rel)
-        self.table.unplace(dst_dir.inode, new_name)
-        if moving is not None:
-            self.table.move(moving, (src_dir.inode, old_name), (dst_dir.inode, new_name))
+        replaced_inode = self.table.entries.get((dst_dir.inode, new_name))
+        replaced = self.table.nodes.get(replaced_inode) if replaced_inode else None
+        with self._changing_names(moving), self._changing_names(replaced):
+            src_st, dst_st = await self.backing.run(
+                _rename, self.backing.path(old_rel), self.backing.path(new_rel), noreplace,
+                self.backing.path(self.table.dirpath(src_dir)),
+                self.backing.path(self.table.dirpath(dst_dir)))
+            self._remember_dir_stat(src_dir, src_st)
+            self._remember_dir_stat(dst_dir, dst_st)
+            if is_dir:
+                self.store.rename_dir(old_rel, new_rel)
+                self._rename_volatile_dir(old_rel, new_rel)
+            self.table.unplace(dst_dir.inode, new_name)
+            if moving is not None:
+                self.table.move(moving, (src_dir.inode, old_name), (dst_dir.inode, new_name))
 
     def _rename_volatile_dir(self, old: bytes, new: bytes) -> None:
         for dirpath, name in list(self.volatile):
@@ -715,13 +785,14 @@ class MailFS:
             if dst_cls is not FileClass.PASSTHROUGH:
                 raise oserror(errno.EXDEV)
             source = self.table.child_path(self.table.nodes[node.parent], node.name)
-            parent_st = await self.backing.run(
-                _hardlink, self.backing.path(source),
-                self.backing.path(self.table.child_path(parent, new_name)),
-                self.backing.path(dirpath))
-            self._remember_dir_stat(parent, parent_st)
-            self.table.entries[(parent.inode, new_name)] = node.inode
-            node.aliases.append((parent.inode, new_name))
+            with self._changing_names(node):
+                parent_st = await self.backing.run(
+                    _hardlink, self.backing.path(source),
+                    self.backing.path(self.table.child_path(parent, new_name)),
+                    self.backing.path(dirpath))
+                self._remember_dir_stat(parent, parent_st)
+                self.table.entries[(parent.inode, new_name)] = node.inode
+                node.aliases.append((parent.inode, new_name))
         else:
             raise oserror(errno.EPERM)
         entry = await self.getattr(node.inode)
@@ -817,10 +888,7 @@ class MailFS:
             return self._open_node(node, flags)
         if node.kind is Kind.DIR:
             raise oserror(errno.EISDIR)
-        relative = self.table.child_path(self.table.nodes[node.parent], node.name)
-        fd, st = await self.backing.run_undoable(_close_opened, _open_stat,
-                                                 self.backing.path(relative),
-                                                 flags & ~OPEN_STRIP)
+        fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
         version = (st.st_mtime_ns, st.st_size)
         keep = version == node.cached_version and not flags & os.O_TRUNC
         node.cached_version = version
@@ -948,10 +1016,29 @@ class MailFS:
 
     def entries_from(self, listing: DirListing, start: int
                      ) -> Iterator[tuple[int, bytes, pyfuse3.EntryAttributes, Node]]:
+        """The listing from `start` on, without the names that changed since it was taken.
+
+        A listing is read once and handed out over several readdir requests; in between, the
+        directory is unlocked and a name may be renamed, unlinked or forgotten. The kernel
+        makes a dentry of every entry it gets, so a stale one would bind an old name to a
+        node that now lives elsewhere (and a dead node's lookup count would go uncounted).
+        """
         assert listing.entries is not None
+        parent = listing.node
+        dirpath = self.table.dirpath(parent)
         for index in range(start, len(listing.entries)):
             name, entry, node = listing.entries[index]
-            yield index, name, entry, node
+            if self._still_named(parent, dirpath, name, node):
+                yield index, name, entry, node
+
+    def _still_named(self, parent: Node, dirpath: bytes, name: bytes, node: Node) -> bool:
+        if self.table.nodes.get(node.inode) is not node:
+            return False
+        if node.kind is Kind.VOLATILE:
+            return self.volatile.get((dirpath, name)) is node.volatile
+        if node.kind is Kind.REPLICATED or node.fid:  # index-only directories have fids
+            return self.store.lookup(dirpath, name) == node.fid
+        return self.table.entries.get((parent.inode, name)) == node.inode
 
     async def fsyncdir(self, fh: int) -> None:
         listing = self.dir_handles.get(fh)
@@ -1042,7 +1129,18 @@ def _rmdir_with_stale_copies(path: bytes, parent: bytes,
 
 def _close_opened(result: tuple[Any, ...]) -> None:
     """Undo an open or create whose caller already got EIO: close the fd it made."""
-    os.close(result[0])
+    if result[0] >= 0:
+        os.close(result[0])
+
+
+def _lstat_as_open(path: bytes) -> tuple[int, os.stat_result]:
+    return -1, os.lstat(path)
+
+
+def _truncate_fd(fd: int) -> os.stat_result:
+    # Through /proc: the fd may be open read-only, and Linux truncates on O_RDONLY|O_TRUNC.
+    os.truncate(f"/proc/self/fd/{fd}", 0)
+    return os.fstat(fd)
 
 
 def _open_stat(path: bytes, flags: int) -> tuple[int, os.stat_result]:

@@ -66,6 +66,8 @@ class Node:
     stat_cache: tuple[float, os.stat_result] | None = None
     # Extra names of a hard-linked passthrough file: (parent inode, name).
     aliases: list[tuple[int, bytes]] = field(default_factory=list)
+    # Bumped whenever a rename, link or unlink has changed this file's names.
+    names_version: int = 0
 
 
 @dataclass(eq=False, slots=True)
