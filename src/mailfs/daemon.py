@@ -92,6 +92,7 @@ class Daemon:
             node_id=config.node_id,
             namespace=node_namespace(config.node_id) if config.replication_enabled else 0,
             replicating=config.replication_enabled, log_limit=config.log_limit,
+            dirs_stored=config.mode == "index-only",
         )
         self.index_only = config.mode == "index-only"
         timeouts = Timeouts(config.index_timeout, config.passthrough_timeout)

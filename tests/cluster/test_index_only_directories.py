@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from tests.cluster.conftest import MakeCluster
 from tests.rigs.cluster import wait_for, write_synced
@@ -57,4 +58,25 @@ def test_a_directory_made_while_a_peer_is_down(make_cluster: MakeCluster) -> Non
     sums = cluster.wait_converged()
     assert "bob/mailboxes/Sent/" in sums
     assert b.path("bob/subscriptions").read_bytes() == b"Sent\n"
+    assert cluster.problems() == []
+
+
+def test_links_and_special_files_reach_every_node(make_cluster: MakeCluster) -> None:
+    cluster = make_cluster(size=2, index_only=True)
+    a, b = cluster[0], cluster[1]
+    box = a.path("alice/mailboxes/INBOX")
+    box.mkdir(parents=True)
+    os.symlink("../shared/dovecot.index", box / "dovecot.index")
+    os.mkfifo(box / "fifo", 0o600)
+    os.mknod(box / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    cluster.wait_converged()
+    peer = b.path("alice/mailboxes/INBOX")
+    assert os.readlink(peer / "dovecot.index") == "../shared/dovecot.index"
+    assert stat.S_ISFIFO(os.lstat(peer / "fifo").st_mode)
+    assert os.lstat(peer / "null").st_rdev == os.makedev(1, 3)
+    os.rename(box / "dovecot.index", box / "moved")
+    os.unlink(box / "fifo")
+    cluster.wait_converged()
+    assert os.readlink(peer / "moved") == "../shared/dovecot.index"
+    assert sorted(os.listdir(peer)) == ["moved", "null"]
     assert cluster.problems() == []

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -246,9 +247,16 @@ def _hash_files(root: Path, directory: Path, names: list[str], found: dict[str, 
     for name in names:
         path = directory / name
         try:
-            found[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                digest = f"link -> {os.readlink(path)!r}"
+            else:  # never opened: a fifo would block
+                digest = f"{stat.filemode(st.st_mode)} {st.st_rdev}"
         except FileNotFoundError:
             continue  # renamed away while we walked; the next round sees the new name
+        found[str(path.relative_to(root))] = digest
 
 
 def index_only_checksums(root: Path) -> dict[str, str]:

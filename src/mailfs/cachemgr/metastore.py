@@ -36,6 +36,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import struct
 import time
 from collections import OrderedDict
@@ -206,8 +207,11 @@ class MetaStore:
         namespace: int = 0,
         replicating: bool = False,
         log_limit: int = 256 << 20,
+        dirs_stored: bool = False,
     ) -> None:
         self.state_dir = state_dir
+        # Index-only mounts keep directories here too; their times follow their entries.
+        self.dirs_stored = dirs_stored
         self.node_id = node_id
         self.namespace = namespace
         # Without peers there is nobody to keep a replication log for.
@@ -789,6 +793,24 @@ class MetaStore:
         self._set(b"names", key, FID.pack(fid))
         if old:
             self._lose_link(int(FID.unpack(old)[0]), ctime_ns)
+        self._dir_changed(dirpath, ctime_ns)
+
+    def _dir_changed(self, dirpath: bytes, when_ns: int) -> None:
+        """A name in a stored directory came or went: its mtime and ctime move, as on ext4.
+        The time is the change's own, so every node that applies it ends up the same."""
+        if not self.dirs_stored or not dirpath:
+            return  # the root shows the mountpoint directory, which is not ours
+        parent, _, name = dirpath.rpartition(b"/")
+        raw = self._get(b"names", name_key(parent, name))
+        if not raw:
+            return
+        try:
+            directory = self.get(int(FID.unpack(raw)[0]))
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(directory.attrs.mode):
+            directory.attrs.mtime_ns = directory.attrs.ctime_ns = when_ns
+            self._touch(directory)
 
     def _lose_link(self, fid: int, ctime_ns: int) -> None:
         try:
@@ -849,6 +871,7 @@ class MetaStore:
             return
         self._set(b"names", key, None)
         self._lose_link(int(FID.unpack(old)[0]), ctime_ns)
+        self._dir_changed(dirpath, ctime_ns)
 
     def _apply_rename(self, src_dir: bytes, src_name: bytes, dst_dir: bytes, dst_name: bytes,
                       ctime_ns: int) -> None:
@@ -859,6 +882,8 @@ class MetaStore:
         if self._get(b"names", name_key(dst_dir, dst_name)) == moving:
             return  # both names are links to one file: POSIX says do nothing
         self._set(b"names", src_key, None)
+        if src_dir != dst_dir:
+            self._dir_changed(src_dir, ctime_ns)
         self._bind(dst_dir, dst_name, int(FID.unpack(moving)[0]), ctime_ns)
 
     def _apply_rename_dir(self, old: bytes, new: bytes) -> None:

@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -52,6 +53,7 @@ IMPORT_LIMIT = 1 << 30
 # O_TRUNC is not stripped: libfuse negotiates atomic O_TRUNC, so the kernel sends no
 # setattr for it, drops its own pages and size, and expects open() to truncate.
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
+DEVICE_NUMBER = struct.Struct("<Q")
 
 
 def oserror(code: int, what: str = "") -> OSError:
@@ -137,7 +139,7 @@ class MailFS:
 
     def _entry(self, node: Node, timeout: float, st_mode: int, st_nlink: int, st_uid: int,
                st_gid: int, st_size: int, atime: int, mtime: int, ctime: int,
-               blocks: int | None = None) -> pyfuse3.EntryAttributes:
+               blocks: int | None = None, rdev: int = 0) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode  # type: ignore[assignment]
         entry.generation = 0
@@ -147,7 +149,7 @@ class MailFS:
         entry.st_nlink = st_nlink
         entry.st_uid = st_uid
         entry.st_gid = st_gid
-        entry.st_rdev = 0
+        entry.st_rdev = rdev
         entry.st_size = st_size
         entry.st_blksize = 4096
         entry.st_blocks = (st_size + 511) // 512 if blocks is None else blocks
@@ -160,7 +162,8 @@ class MailFS:
                     timeout: float | None = None) -> pyfuse3.EntryAttributes:
         return self._entry(node, self.timeouts.passthrough if timeout is None else timeout,
                            st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
-                           st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks)
+                           st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blocks,
+                           st.st_rdev)
 
     def _remember_dir_stat(self, node: Node | None, st: os.stat_result) -> None:
         if node is not None and node.kind is Kind.DIR:
@@ -194,6 +197,13 @@ class MailFS:
         return self._stat_entry(node, node.stat_cache[1], STALE_TIMEOUT)
 
     def _attrs_entry(self, node: Node, attrs: Attrs) -> pyfuse3.EntryAttributes:
+        if stat.S_ISCHR(attrs.mode) or stat.S_ISBLK(attrs.mode):
+            # A device node in the store keeps its device number as its content.
+            content = self._stored(node).content
+            rdev = DEVICE_NUMBER.unpack(content)[0] if len(content) == DEVICE_NUMBER.size else 0
+            return self._entry(node, self.timeouts.index, attrs.mode, attrs.nlink, attrs.uid,
+                               attrs.gid, 0, attrs.atime_ns, attrs.mtime_ns, attrs.ctime_ns,
+                               rdev=rdev)
         return self._entry(node, self.timeouts.index, attrs.mode, attrs.nlink, attrs.uid,
                            attrs.gid, attrs.size, attrs.atime_ns, attrs.mtime_ns,
                            attrs.ctime_ns)
@@ -311,10 +321,11 @@ class MailFS:
                 raise
         return fd, st
 
-    async def _by_name(self, node: Node, opener: Callable[..., tuple[int, os.stat_result]],
-                       *args: Any) -> tuple[int, os.stat_result]:
+    async def _by_name(self, node: Node, opener: Callable[..., tuple[Any, os.stat_result]],
+                       *args: Any) -> tuple[Any, os.stat_result]:
         """`opener(path, *args)` on the backing name of a passthrough file the kernel asks for
-        by inode: (fd or -1, stat) of the first name that still is this file.
+        by inode: (what it made: an fd, -1 or a link target; stat) of the first name that
+        still is this file.
 
         The kernel does not lock a file against open or stat while another process unlinks
         or renames one of its names, so the name we know may already be gone from the
@@ -333,7 +344,7 @@ class MailFS:
                     continue
                 if backing_identity(st) == node.backing_ino:
                     return fd, st
-                if fd >= 0:
+                if isinstance(fd, int) and fd >= 0:
                     await self.backing.run(os.close, fd)
             pending = self.name_changes.get(node.inode)
             if pending is not None:
@@ -495,6 +506,10 @@ class MailFS:
     @staticmethod
     def _write_back(path: bytes, content: bytes, attrs: Attrs) -> None:
         temp = path + b".mailfs-export"
+        if not stat.S_ISREG(attrs.mode):
+            _write_back_special(temp, content, attrs)
+            os.rename(temp, path)
+            return
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, content)
@@ -552,6 +567,79 @@ class MailFS:
         handle = Handle(self._fh(), node, BackingFd(fd), bool(flags & os.O_APPEND))
         self.handles[handle.fh] = handle
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._stat_entry(node, st)  # type: ignore[arg-type]
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      caller: Caller) -> pyfuse3.EntryAttributes:
+        await self._changes_allowed()
+        parent = self._dir(parent_inode)
+        cls = self.classifier.classify(name)
+        if cls is FileClass.PASSTHROUGH:
+            return await self._make_passthrough(parent, name, _symlink_owned, target,
+                                                caller.uid, caller.gid)
+        # The store holds a link as a file whose content is the target, as ext4 reports it.
+        now = time.time_ns()
+        attrs = Attrs(stat.S_IFLNK | 0o777, caller.uid, caller.gid, 1, len(target),
+                      now, now, now)
+        return self._make_stored(parent, name, cls, attrs, target)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    caller: Caller) -> pyfuse3.EntryAttributes:
+        """Fifos, sockets (bind of a unix socket), devices, and regular files (mknod(2)
+        with S_IFREG). The kernel already refused devices to callers without CAP_MKNOD."""
+        await self._changes_allowed()
+        parent = self._dir(parent_inode)
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise oserror(errno.EINVAL)
+        mode = kind | (mode & 0o7777 & ~caller.umask)
+        cls = self.classifier.classify(name)
+        if cls is FileClass.PASSTHROUGH:
+            return await self._make_passthrough(parent, name, _mknod_owned, mode, rdev,
+                                                caller.uid, caller.gid)
+        if kind == stat.S_IFREG and cls is FileClass.VOLATILE:
+            info, entry = await self.create(parent_inode, name, mode, os.O_RDONLY, caller)
+            await self.release(info.fh)
+            return entry
+        now = time.time_ns()
+        attrs = Attrs(mode, caller.uid, caller.gid, 1, 0, now, now, now)
+        device = kind in (stat.S_IFCHR, stat.S_IFBLK)
+        return self._make_stored(parent, name, cls, attrs,
+                                 DEVICE_NUMBER.pack(rdev) if device else b"")
+
+    async def _make_passthrough(self, parent: Node, name: bytes,
+                                maker: Callable[..., os.stat_result],
+                                *args: Any) -> pyfuse3.EntryAttributes:
+        st, parent_st = await self.backing.run(
+            _made_with_parent, maker, self.backing.path(self.table.child_path(parent, name)),
+            self.backing.path(self.table.dirpath(parent)), *args)
+        self._remember_dir_stat(parent, parent_st)
+        node = self.table.placed(parent, name, Kind.PASSTHROUGH, backing_identity(st))
+        node.lookups += 1
+        return self._stat_entry(node, st)
+
+    def _make_stored(self, parent: Node, name: bytes, cls: FileClass, attrs: Attrs,
+                     content: bytes) -> pyfuse3.EntryAttributes:
+        if cls is FileClass.VOLATILE:
+            raise oserror(errno.EPERM, "lock file names hold regular files only")
+        dirpath = self.table.dirpath(parent)
+        if self.store.lookup(dirpath, name) is not None:
+            raise oserror(errno.EEXIST)
+        stored = self.store.put(dirpath, name, attrs, content)
+        node = self.table.replicated(stored.fid)
+        node.lookups += 1
+        return self._attrs_entry(node, stored.attrs)
+
+    async def readlink(self, inode: int) -> bytes:
+        node = self._node(inode)
+        if node.kind is Kind.REPLICATED:
+            stored = self._stored(node)
+            if not stat.S_ISLNK(stored.attrs.mode):
+                raise oserror(errno.EINVAL)
+            return bytes(stored.content)
+        if node.kind is not Kind.PASSTHROUGH:
+            raise oserror(errno.EINVAL)
+        target, _ = await self._by_name(node, _readlink_stat)
+        return target  # type: ignore[no-any-return]
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     caller: Caller) -> pyfuse3.EntryAttributes:
@@ -1091,6 +1179,60 @@ def _create_owned(path: bytes, flags: int, mode: int, uid: int, gid: int, parent
         raise
 
 
+def _write_back_special(temp: bytes, content: bytes, attrs: Attrs) -> None:
+    """A link, fifo, socket or device node from the store, as such (its content is the
+    link's target, or a device's number)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    if stat.S_ISLNK(attrs.mode):
+        os.symlink(content, temp)
+    else:
+        device = stat.S_ISCHR(attrs.mode) or stat.S_ISBLK(attrs.mode)
+        rdev = DEVICE_NUMBER.unpack(content)[0] if device and len(content) == 8 else 0
+        os.mknod(temp, attrs.mode, rdev)
+        os.chmod(temp, attrs.mode & 0o7777)
+    os.lchown(temp, attrs.uid, attrs.gid)
+    os.utime(temp, ns=(attrs.atime_ns, attrs.mtime_ns), follow_symlinks=False)
+
+
+def _made_with_parent(maker: Callable[..., os.stat_result], path: bytes, parent: bytes,
+                      *args: Any) -> tuple[os.stat_result, os.stat_result]:
+    return maker(path, *args), os.lstat(parent)
+
+
+def _symlink_owned(path: bytes, target: bytes, uid: int, gid: int) -> os.stat_result:
+    os.symlink(target, path)
+    return _owned(path, uid, gid, None)
+
+
+def _mknod_owned(path: bytes, mode: int, rdev: int, uid: int, gid: int) -> os.stat_result:
+    os.mknod(path, mode, rdev)
+    return _owned(path, uid, gid, stat.S_IMODE(mode))
+
+
+def _owned(path: bytes, uid: int, gid: int, mode: int | None) -> os.stat_result:
+    """Give a file the caller made its owner and mode, touching only what differs: each
+    change moves its ctime away from its mtime, which a file made by the caller would not
+    show. The file is removed again if that fails."""
+    try:
+        st = os.lstat(path)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.lchown(path, uid, gid)
+        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path, mode)  # not narrowed by the daemon's own umask
+        return os.lstat(path)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def _readlink_stat(path: bytes) -> tuple[bytes, os.stat_result]:
+    st = os.lstat(path)
+    if not stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.EINVAL, "not a symbolic link")
+    return os.readlink(path), st
+
+
 def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int, parent: bytes
                  ) -> tuple[os.stat_result, os.stat_result]:
     os.mkdir(path, mode)
@@ -1129,7 +1271,7 @@ def _rmdir_with_stale_copies(path: bytes, parent: bytes,
 
 def _close_opened(result: tuple[Any, ...]) -> None:
     """Undo an open or create whose caller already got EIO: close the fd it made."""
-    if result[0] >= 0:
+    if isinstance(result[0], int) and result[0] >= 0:
         os.close(result[0])
 
 

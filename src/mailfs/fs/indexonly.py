@@ -28,7 +28,14 @@ import trio
 from mailfs.cachemgr.metastore import MAX_FILE_SIZE
 from mailfs.cachemgr.records import Attrs, Op, Record, path_problem
 from mailfs.fs.classifier import FileClass
-from mailfs.fs.core import Caller, DirListing, MailFS, oserror, statvfs_data
+from mailfs.fs.core import (
+    DEVICE_NUMBER,
+    Caller,
+    DirListing,
+    MailFS,
+    oserror,
+    statvfs_data,
+)
 from mailfs.fs.invalidation import invalidate_everything
 from mailfs.fs.nodes import REPLICATED_BASE, ROOT, Kind, Node
 
@@ -36,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # A directory's stored nlink is 1 (its one name); stat shows the customary 2.
 DIR_NLINK = 2
+# The longest name ext4 (and this mount in the other mode, through it) accepts.
+NAME_MAX = 255
 
 
 class IndexOnlyFS(MailFS):
@@ -101,6 +110,10 @@ class IndexOnlyFS(MailFS):
 
     async def lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        if len(name) > NAME_MAX:
+            # The kernel looks every new name up before creating it, so this also refuses
+            # create, mkdir, mknod, symlink, link and rename to such a name, as ext4 does.
+            raise oserror(errno.ENAMETOOLONG)
         if name in (b".", b"..") or self.classifier.classify(name) is FileClass.VOLATILE:
             return await super().lookup(parent_inode, name)
         fid = self.store.lookup(self.table.dirpath(parent), name)
@@ -302,7 +315,7 @@ class IndexOnlyFS(MailFS):
                             relative, st.st_size)
                 continue
             path = os.path.join(source, os.fsdecode(relative))
-            content = await trio.to_thread.run_sync(_read_file, path)
+            content = await trio.to_thread.run_sync(_content_of, path, st)
             attrs.size = len(content)
             self.store.put(dirpath, name, attrs, content)
             imported.add((dirpath, name))
@@ -323,13 +336,20 @@ def _set_times(path: str, attrs: Attrs) -> None:
     os.utime(path, ns=(attrs.atime_ns, attrs.mtime_ns))
 
 
-def _read_file(path: str) -> bytes:
+def _content_of(path: str, st: os.stat_result) -> bytes:
+    """What the store keeps for a file: its bytes, a link's target, a device's number."""
+    if stat.S_ISLNK(st.st_mode):
+        return os.fsencode(os.readlink(path))
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return DEVICE_NUMBER.pack(st.st_rdev)
+    if not stat.S_ISREG(st.st_mode):
+        return b""  # a fifo or a socket: never opened, it would block
     with open(path, "rb") as handle:
         return handle.read()
 
 
 def _walk(source: str) -> list[tuple[bytes, os.stat_result]]:
-    """(path relative to source, lstat) of every directory and regular file, parents first."""
+    """(path relative to source, lstat) of every directory and file, parents first."""
     if not os.path.isdir(source):
         raise FileNotFoundError(errno.ENOENT, f"{source} is not a directory")
     found: list[tuple[bytes, os.stat_result]] = []
@@ -338,8 +358,6 @@ def _walk(source: str) -> list[tuple[bytes, os.stat_result]]:
         subdirs.sort()
         for name in [*sorted(subdirs), *sorted(files)]:
             path = os.path.join(directory, name)
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
-                found.append((os.path.relpath(path, root), st))
+            found.append((os.path.relpath(path, root), os.lstat(path)))
     found.sort(key=lambda item: item[0].count(b"/"))
     return found

@@ -121,6 +121,24 @@ class Operations(pyfuse3.Operations):
         return await self.fs.link(inode, new_parent_inode, new_name)
 
     @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,  # type: ignore[override]
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        log.debug("symlink %d %r -> %r", parent_inode, name, target)
+        return await self.fs.symlink(parent_inode, name, target, caller(ctx))
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int,  # type: ignore[override]
+                    rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        log.debug("mknod %d %r mode=%o rdev=%d", parent_inode, name, mode, rdev)
+        return await self.fs.mknod(parent_inode, name, mode, rdev, caller(ctx))
+
+    @fuse_errors
+    async def readlink(self, inode: int,  # type: ignore[override]
+                       ctx: pyfuse3.RequestContext) -> bytes:
+        log.debug("readlink %d", inode)
+        return await self.fs.readlink(inode)
+
+    @fuse_errors
     async def open(self, inode: int, flags: int,  # type: ignore[override]
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         log.debug("open %d flags=%o", inode, flags)

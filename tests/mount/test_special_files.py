@@ -1,0 +1,234 @@
+"""Symbolic links, fifos, sockets and device nodes behave as on the local disk.
+
+Every scenario runs on a plain directory of this machine's disk (ext4) and on the mount, in
+both modes (a passthrough directory of a full overlay, and an index-only mount where they
+live in the meta store), and what can be observed must be the same. Conformance suites
+cascade from these calls (symlink missing made thousands of pjdfstest cases fail).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.rigs.mount import MailfsMount, force_unmount, mounted, run_cli
+
+Observed = dict[str, object]
+UNPRIVILEGED = "nobody"
+RUNUSER = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+# The system's interpreter: the project's venv may sit where that user cannot reach it.
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="mailfs-special-"))
+    path.chmod(0o755)
+    for name in ("local", "backing", "mnt"):
+        (path / name).mkdir()
+        (path / name).chmod(0o755)
+    yield path
+    force_unmount(path / "mnt")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["full", "index-only"])
+def mount(request: pytest.FixtureRequest, base: Path) -> Iterator[MailfsMount]:
+    backing = base / "backing" if request.param == "full" else None
+    with mounted(backing, base / "mnt", base / "state") as live:
+        yield live
+    assert live.problems() == []
+
+
+def errno_of(call: Callable[[], object]) -> str:
+    try:
+        call()
+    except OSError as exc:
+        return errno.errorcode[exc.errno or 0]
+    return "ok"
+
+
+def describe(path: Path) -> Observed:
+    st = os.lstat(path)
+    seen: Observed = {"type": stat.filemode(st.st_mode), "nlink": st.st_nlink,
+                      "uid": st.st_uid, "gid": st.st_gid}
+    if stat.S_ISLNK(st.st_mode):
+        seen["target"] = os.readlink(path)
+        seen["size"] = st.st_size
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        seen["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    return seen
+
+
+def links_and_nodes(root: Path) -> Observed:
+    """Everything a conformance suite asks of these calls, as observations."""
+    seen: Observed = {}
+    d = root / "dir"
+    d.mkdir()
+    (d / "file").write_bytes(b"content")
+    os.symlink("file", d / "link")
+    os.symlink("no-such-target", d / "dangling")
+    os.symlink("/an/absolute/target", d / "absolute")
+    os.symlink("../dir/file", d / "relative")
+    seen["link"] = describe(d / "link")
+    seen["dangling"] = describe(d / "dangling")
+    seen["absolute"] = describe(d / "absolute")
+    seen["read through link"] = (d / "link").read_bytes()
+    seen["read through relative"] = (d / "relative").read_bytes()
+    seen["dangling exists"] = os.path.exists(d / "dangling")
+    seen["stat of dangling"] = errno_of(lambda: os.stat(d / "dangling"))
+    seen["symlink over a name"] = errno_of(lambda: os.symlink("x", d / "file"))
+    seen["readlink of a file"] = errno_of(lambda: os.readlink(d / "file"))
+    seen["open O_NOFOLLOW"] = errno_of(
+        lambda: os.close(os.open(d / "link", os.O_RDONLY | os.O_NOFOLLOW)))
+    os.rename(d / "link", d / "moved")
+    seen["after rename"] = describe(d / "moved")
+    seen["old name after rename"] = os.path.lexists(d / "link")
+    os.link(d / "moved", d / "hard", follow_symlinks=False)
+    seen["hard link to a link"] = describe(d / "hard")
+    os.unlink(d / "moved")
+    seen["unlink a link keeps the target"] = (d / "file").read_bytes()
+    seen["hard link after unlink"] = describe(d / "hard")
+    os.symlink("file", d / "other")
+    os.rename(d / "other", d / "dangling")  # a link renamed over a link
+    seen["renamed over"] = describe(d / "dangling")
+    os.mkfifo(d / "fifo", 0o640)
+    seen["fifo"] = describe(d / "fifo")
+    os.mknod(d / "regular", stat.S_IFREG | 0o600)
+    seen["mknod regular"] = describe(d / "regular")
+    os.mknod(d / "chr", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.mknod(d / "blk", stat.S_IFBLK | 0o660, os.makedev(7, 0))
+    seen["chr"] = describe(d / "chr")
+    seen["blk"] = describe(d / "blk")
+    seen["mknod existing"] = errno_of(lambda: os.mkfifo(d / "fifo"))
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(d / "sock"))
+        server.listen()
+        seen["socket"] = describe(d / "sock")
+        seen["bind again"] = errno_of(lambda: socket.socket(socket.AF_UNIX).bind(str(d / "sock")))
+    long_name = "l" * 255
+    os.symlink("t" * 1000, d / long_name)
+    seen["255-byte name"] = describe(d / long_name)
+    seen["256-byte name"] = errno_of(lambda: os.symlink("t", d / ("l" * 256)))
+    seen["4095-byte target"] = errno_of(lambda: os.symlink("t" * 4095, d / "longest"))
+    seen["4095-byte target reads back"] = len(os.readlink(d / "longest"))
+    seen["4096-byte target"] = errno_of(lambda: os.symlink("t" * 4096, d / "too-long"))
+    seen["listing"] = sorted(os.listdir(d))
+    for name in os.listdir(d):
+        os.unlink(d / name)
+    os.rmdir(d)
+    return seen
+
+
+def test_links_and_special_files_match_the_local_disk(base: Path, mount: MailfsMount) -> None:
+    assert links_and_nodes(mount.mountpoint) == links_and_nodes(base / "local")
+
+
+def test_links_and_special_files_survive_a_remount(mount: MailfsMount) -> None:
+    root = mount.mountpoint
+    os.symlink("target", root / "link")
+    os.mkfifo(root / "fifo", 0o600)
+    os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    before = {name: describe(root / name) for name in ("link", "fifo", "null")}
+    mount.stop()
+    mount.start()
+    assert {name: describe(root / name) for name in ("link", "fifo", "null")} == before
+
+
+def test_creating_links_and_nodes_updates_the_directory_times(base: Path,
+                                                              mount: MailfsMount) -> None:
+    for root in (mount.mountpoint, base / "local"):
+        made = {
+            "symlink": lambda d: os.symlink("t", d / "link"),
+            "mkfifo": lambda d: os.mkfifo(d / "fifo"),
+            "mknod": lambda d: os.mknod(d / "chr", stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+            "bind": lambda d: socket.socket(socket.AF_UNIX).bind(str(d / "sock")),
+            "unlink": lambda d: os.unlink(d / "link"),
+            "rename": lambda d: os.rename(d / "fifo", d / "fifo2"),
+        }
+        d = root / "times"
+        d.mkdir()
+        for what, call in made.items():
+            before = os.stat(d)
+            time.sleep(0.01)
+            call(d)
+            after = os.stat(d)
+            assert after.st_mtime_ns > before.st_mtime_ns, f"{what} on {root}: mtime"
+            assert after.st_ctime_ns > before.st_ctime_ns, f"{what} on {root}: ctime"
+        link = d / "link2"
+        os.symlink("t", link)
+        assert os.lstat(link).st_ctime_ns == os.lstat(link).st_mtime_ns
+
+
+UNPRIVILEGED_SCRIPT = """
+import errno, json, os, socket, stat, sys
+d = sys.argv[1]
+def attempt(call):
+    try:
+        call()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+print(json.dumps({
+    "symlink in a root-owned dir": attempt(lambda: os.symlink("t", d + "/closed/link")),
+    "mkfifo in a root-owned dir": attempt(lambda: os.mkfifo(d + "/closed/fifo")),
+    "symlink in an open dir": attempt(lambda: os.symlink("t", d + "/open/link")),
+    "mkfifo in an open dir": attempt(lambda: os.mkfifo(d + "/open/fifo", 0o666)),
+    "mknod of a device": attempt(lambda: os.mknod(d + "/open/chr", stat.S_IFCHR | 0o600,
+                                                  os.makedev(1, 3))),
+    "bind in an open dir": attempt(lambda: socket.socket(socket.AF_UNIX).bind(d + "/open/sock")),
+    "unlink another user's link in a sticky dir": attempt(lambda: os.unlink(d + "/sticky/link")),
+    "owner of own link": os.lstat(d + "/open/link").st_uid == os.getuid(),
+    "mode of own fifo": oct(stat.S_IMODE(os.lstat(d + "/open/fifo").st_mode)),
+}))
+"""
+
+
+def as_unprivileged(root: Path) -> object:
+    for name, mode in (("closed", 0o755), ("open", 0o777), ("sticky", 0o1777)):
+        (root / name).mkdir()
+        (root / name).chmod(mode)
+    os.symlink("t", root / "sticky" / "link")
+    done = subprocess.run(
+        [str(RUNUSER), "-u", UNPRIVILEGED, "--", str(SYSTEM_PYTHON), "-c", UNPRIVILEGED_SCRIPT,
+         str(root)], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(RUNUSER is None or SYSTEM_PYTHON is None,
+                    reason="needs runuser (util-linux) and /usr/bin/python3")
+def test_permission_rules_for_an_unprivileged_user(base: Path, mount: MailfsMount) -> None:
+    assert as_unprivileged(mount.mountpoint) == as_unprivileged(base / "local")
+
+
+def test_links_and_nodes_move_onto_and_off_an_index_only_mount(base: Path) -> None:
+    source = base / "local" / "index"
+    source.mkdir()
+    (source / "dovecot.index").write_bytes(b"index")
+    os.symlink("dovecot.index", source / "link")
+    os.symlink("gone", source / "dangling")
+    os.mkfifo(source / "fifo", 0o640)
+    os.mknod(source / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    with mounted(None, base / "mnt", base / "state") as live:
+        result = run_cli("import", str(live.mountpoint), "--from", str(source))
+        assert result.returncode == 0, result.stderr
+        target = base / "local" / "exported"
+        target.mkdir()
+        result = run_cli("export", str(live.mountpoint), "--to", str(target))
+        assert result.returncode == 0, result.stderr
+        on_mount = {name: describe(live.mountpoint / name) for name in os.listdir(source)}
+    before = {name: describe(source / name) for name in os.listdir(source)}
+    assert on_mount == before
+    assert {name: describe(target / name) for name in os.listdir(target)} == before
+    assert (target / "link").read_bytes() == b"index"
