@@ -181,7 +181,8 @@ def convert(kind: str, key: str, value: object, name: str = "") -> object:
     if kind == "path":
         if not isinstance(value, str) or not value:
             raise UserError(f"config: {key} must be a path string")
-        return Path(value)
+        # Absolute now: the daemon works from inside the backing directory (see Backing).
+        return Path(os.path.abspath(value))
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
                                                          "no", "off"):

@@ -107,6 +107,7 @@ class Daemon:
         else:
             self.backing = Backing(config.backing, config.backing_threads,
                                    config.backing_timeout)
+            self.backing.enter_root()
             self.fs = MailFS(
                 self.store, self.backing, Classifier(config.replicated, config.volatile),
                 timeouts, import_on_access=config.import_on_access,

@@ -232,3 +232,61 @@ def test_links_and_nodes_move_onto_and_off_an_index_only_mount(base: Path) -> No
     assert on_mount == before
     assert {name: describe(target / name) for name in os.listdir(target)} == before
     assert (target / "link").read_bytes() == b"index"
+
+
+def deep_path(root: Path, total: int) -> tuple[Path, str]:
+    """Nested directories under root and a file name, making a path `total` bytes long."""
+    name = "f" * 100
+    left = total - len(str(root)) - 1 - len(name)  # for "/dir/dir/.../dir", then "/name"
+    parts = []
+    while left > 1 + 255:
+        part = min(255, left - 1 - 1 - 1)  # leave room for one more "/x"
+        parts.append("d" * part)
+        left -= 1 + part
+    parts.append("e" * (left - 1))
+    path = os.path.join(str(root), *parts)
+    assert len(os.path.join(path, name)) == total
+    return Path(path), name
+
+
+def test_paths_up_to_path_max_work(mount: MailfsMount) -> None:
+    """The kernel passes paths up to 4095 bytes; the backing root's prefix must not count
+    against that (the daemon works relative to the backing root). An index-only mount keys
+    every path in LMDB, which takes 511 bytes: longer paths are refused there, cleanly
+    (a key it could not hold used to fail every commit from then on)."""
+    if mount.backing is None:
+        deepest, name = deep_path(mount.mountpoint, len(str(mount.mountpoint)) + 1 + 511)
+        os.makedirs(deepest)
+        (deepest / name).write_bytes(b"at the limit")
+        with pytest.raises(OSError) as caught:
+            (deepest / (name + "x")).write_bytes(b"one byte deeper")
+        assert caught.value.errno == errno.ENAMETOOLONG
+        with pytest.raises(OSError) as caught:
+            os.mkdir(deepest / (name + "x"))
+        assert caught.value.errno == errno.ENAMETOOLONG
+        mount.stop()  # commits: nothing it accepted is beyond what LMDB can keep
+        mount.start()
+        assert (deepest / name).read_bytes() == b"at the limit"
+        return
+    directory, name = deep_path(mount.mountpoint, 4095)
+    os.makedirs(directory)
+    target = directory / name
+    target.write_bytes(b"deep")
+    assert target.read_bytes() == b"deep"
+    os.chmod(target, 0o600)
+    os.utime(target, ns=(1_000_000_000, 2_000_000_000))
+    assert os.stat(target).st_mtime_ns == 2_000_000_000
+    os.rename(target, directory / ("g" * 100))
+    os.link(directory / ("g" * 100), target)
+    os.unlink(directory / ("g" * 100))
+    link = directory / ("h" * 100)
+    os.symlink(name, link)
+    assert os.readlink(link) == name
+    os.mkfifo(directory / ("i" * 100))
+    assert sorted(os.listdir(directory)) == [name, "h" * 100, "i" * 100]
+    with pytest.raises(OSError) as caught:
+        (directory / (name + "x")).write_bytes(b"one byte too long")
+    assert caught.value.errno == errno.ENAMETOOLONG
+    for entry in os.listdir(directory):
+        os.unlink(directory / entry)
+    shutil.rmtree(mount.mountpoint / directory.relative_to(mount.mountpoint).parts[0])

@@ -151,8 +151,25 @@ class Backing:
         except OSError:
             self.root_identity = None
         self._root_swap_logged = False
+        self._relative = False
+
+    def enter_root(self) -> None:
+        """Make the backing root the daemon's working directory, and every backing path
+        relative to it from now on.
+
+        A path the kernel hands us can be up to PATH_MAX (4095 bytes) long; prefixed with
+        the backing root, it would be longer than any system call takes. Relative to the
+        working directory (the AT_FDCWD of every *at call), the prefix costs nothing. The
+        working directory also pins the directory mailfs mounted over: if the backing
+        filesystem goes away, calls keep reaching it (or fail) instead of landing in an
+        empty directory left at the same path, which the root probe reports.
+        """
+        os.chdir(self.root)
+        self._relative = True
 
     def path(self, relative: bytes) -> bytes:
+        if self._relative:
+            return relative or b"."
         return self.root + b"/" + relative if relative else self.root
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -50,12 +50,14 @@ import trio
 from mailfs.cachemgr.journal import Journal
 from mailfs.cachemgr.records import (
     ATTRS,
+    MAX_KEY,
     Attrs,
     Field,
     Op,
     Record,
     decode_one,
     encode,
+    key_problem,
     skipped_through,
 )
 from mailfs.replication.identity import fid_namespace, make_fid, make_version, node_namespace
@@ -681,7 +683,15 @@ class MetaStore:
             self._append(Op.SKIP, seq)
             self._wake.set()
 
+    @staticmethod
+    def _check_key(dirpath: bytes, name: bytes) -> None:
+        """A key LMDB cannot hold would fail every commit from then on: refuse the name."""
+        problem = key_problem(dirpath, name)
+        if problem is not None:
+            raise OSError(errno.ENAMETOOLONG, f"{problem} for an index file")
+
     def create(self, dirpath: bytes, name: bytes, mode: int, uid: int, gid: int) -> StoredFile:
+        self._check_key(dirpath, name)
         now = time.time_ns()
         fid = self.next_fid
         self._log(Op.CREATE, fid, dirpath, name, Attrs(mode, uid, gid, 1, 0, now, now, now))
@@ -689,6 +699,7 @@ class MetaStore:
 
     def put(self, dirpath: bytes, name: bytes, attrs: Attrs, content: bytes) -> StoredFile:
         """Install a whole file under a name, replacing what was there (promotion, import)."""
+        self._check_key(dirpath, name)
         fid = self.next_fid
         self._log(Op.PUT, fid, dirpath, name, attrs, content)
         return self.files[fid]
@@ -707,12 +718,14 @@ class MetaStore:
         self._log(Op.SETATTR, stored.fid, attrs)
 
     def link(self, fid: int, dirpath: bytes, name: bytes) -> None:
+        self._check_key(dirpath, name)
         self._log(Op.LINK, fid, dirpath, name, time.time_ns())
 
     def unlink(self, dirpath: bytes, name: bytes) -> None:
         self._log(Op.UNLINK, dirpath, name, time.time_ns())
 
     def rename(self, src_dir: bytes, src_name: bytes, dst_dir: bytes, dst_name: bytes) -> None:
+        self._check_key(dst_dir, dst_name)
         self._log(Op.RENAME, src_dir, src_name, dst_dir, dst_name, time.time_ns())
 
     def rename_dir(self, old: bytes, new: bytes) -> None:
@@ -721,7 +734,12 @@ class MetaStore:
         Logged even when nothing is under `old`: whatever was recorded under `new` (the
         import marker of an empty directory renamed over) must go.
         """
-        if self._names_under(old) or self._names_under(new):
+        moving = self._names_under(old)
+        longest = max(map(len, moving), default=0)
+        if longest and longest - len(old) + len(new) > MAX_KEY:
+            raise OSError(errno.ENAMETOOLONG,
+                          "index files below would have paths longer than the store keeps")
+        if moving or self._names_under(new):
             self._log(Op.RENAME_DIR, old, new)
 
     def remove_dir(self, dirpath: bytes) -> None:
@@ -729,7 +747,8 @@ class MetaStore:
             self._log(Op.REMOVE_DIR, dirpath)
 
     def mark_imported(self, dirpath: bytes) -> None:
-        self._log(Op.MARK_IMPORTED, dirpath)
+        if key_problem(dirpath, IMPORTED) is None:  # deeper: no index file can be kept there
+            self._log(Op.MARK_IMPORTED, dirpath)
 
     def drop(self, fid: int) -> None:
         """Forget a file with no names left once nobody has it open."""
@@ -890,7 +909,11 @@ class MetaStore:
         for key in self._names_under(new):
             self._set(b"names", key, None)
         for key, value in self._names_under(old).items():
-            self._set(b"names", new + key[len(old):], value)
+            moved = new + key[len(old):]
+            if len(moved) <= MAX_KEY:  # refused where it was made; a peer's is dropped
+                self._set(b"names", moved, value)
+            else:
+                log.error("a directory rename left %r too deep to keep", moved)
             self._set(b"names", key, None)
 
     def _apply_drop(self, fid: int) -> None:

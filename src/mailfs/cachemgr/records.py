@@ -11,6 +11,7 @@ replication streams to peers, so they name files by file id and paths by directo
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,6 +111,16 @@ PATH_FIELDS: dict[Op, tuple[tuple[int, str], ...]] = {
     Op.SNAP_NAME: ((0, "d"),),
 }
 MAX_NAME = 255
+# LMDB's limit on a key as py-lmdb builds it; a name is keyed by its dirpath, NUL and name.
+MAX_KEY = 511
+
+
+def key_problem(dirpath: bytes, name: bytes) -> str | None:
+    """Why a name cannot be kept in the store (too deep for a key), or None."""
+    length = len(dirpath) + 1 + len(name)
+    if length > MAX_KEY:
+        return f"a path of {length} bytes (the store keeps paths up to {MAX_KEY})"
+    return None
 
 
 def name_problem(name: bytes) -> str | None:
@@ -141,6 +152,12 @@ def path_problem(record: Record) -> str | None:
             problem = next(filter(None, map(name_problem, value.split(b"/"))), None)
         if problem is not None:
             return f"{record.op.name} with {problem}"
+    fields = PATH_FIELDS.get(record.op, ())
+    for (dir_index, dir_kind), (name_index, name_kind) in itertools.pairwise(fields):
+        if dir_kind == "d" and name_kind == "n":
+            problem = key_problem(record.fields[dir_index], record.fields[name_index])  # type: ignore[arg-type]
+            if problem is not None:
+                return f"{record.op.name} with {problem}"
     if record.op is Op.SNAP_NAME:
         name, fid = record.fields[1], record.fields[2]
         assert isinstance(name, bytes)

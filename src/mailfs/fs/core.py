@@ -31,7 +31,7 @@ import trio
 
 from mailfs.cachemgr.backing import Backing, BackingFd
 from mailfs.cachemgr.metastore import MetaStore, StoredFile
-from mailfs.cachemgr.records import Attrs, Op, Record, path_problem
+from mailfs.cachemgr.records import Attrs, Op, Record, key_problem, path_problem
 from mailfs.fs.classifier import Classifier, FileClass
 from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.nodes import (
@@ -438,6 +438,9 @@ class MailFS:
         count = 0
         for name, st, content in found:
             if self.store.lookup(dirpath, name) is not None:
+                continue
+            if key_problem(dirpath, name) is not None:
+                log.warning("not importing %r: too deep for the store", dirpath + b"/" + name)
                 continue
             attrs = Attrs(st.st_mode, st.st_uid, st.st_gid, 1, len(content), st.st_atime_ns,
                           st.st_mtime_ns, st.st_ctime_ns)
