@@ -290,3 +290,22 @@ def test_paths_up_to_path_max_work(mount: MailfsMount) -> None:
     for entry in os.listdir(directory):
         os.unlink(directory / entry)
     shutil.rmtree(mount.mountpoint / directory.relative_to(mount.mountpoint).parts[0])
+
+
+def setgid_directory(root: Path) -> Observed:
+    shared = root / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, 1234)
+    os.chmod(shared, 0o2775)
+    (shared / "dovecot.index").write_bytes(b"index")
+    (shared / "message").write_bytes(b"mail")
+    (shared / "sub").mkdir(0o755)
+    os.symlink("message", shared / "link")
+    os.mkfifo(shared / "fifo", 0o640)
+    return {name: (os.lstat(shared / name).st_gid,
+                   oct(stat.S_IMODE(os.lstat(shared / name).st_mode)))
+            for name in sorted(os.listdir(shared))}
+
+
+def test_a_set_group_id_directory_passes_its_group_on(base: Path, mount: MailfsMount) -> None:
+    assert setgid_directory(mount.mountpoint) == setgid_directory(base / "local")

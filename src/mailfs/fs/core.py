@@ -229,10 +229,19 @@ class MailFS:
     async def _backing_stat(self, relative: bytes) -> os.stat_result:
         return await self.backing.run(os.lstat, self.backing.path(relative))
 
-    def _new_attrs(self, mode: int, caller: Caller) -> Attrs:
+    def _new_attrs(self, mode: int, caller: Caller, parent: Node | None = None) -> Attrs:
         now = time.time_ns()
-        return Attrs(stat.S_IFREG | (mode & 0o7777 & ~caller.umask), caller.uid, caller.gid,
-                     1, 0, now, now, now)
+        return Attrs(stat.S_IFREG | (mode & 0o7777 & ~caller.umask), caller.uid,
+                     self._new_file_group(parent, caller), 1, 0, now, now, now)
+
+    def _new_file_group(self, parent: Node | None, caller: Caller) -> int:
+        """The group of a file made in the store: the directory's in a set-group-ID
+        directory, as ext4 does (known from the directory's last stat, which its lookup
+        took; directory modes and groups rarely change)."""
+        cached = parent.stat_cache if parent is not None else None
+        if cached is not None and cached[1].st_mode & stat.S_ISGID:
+            return cached[1].st_gid
+        return caller.gid
 
     # ------------------------------------------------------------------ lookup / getattr
 
@@ -538,7 +547,8 @@ class MailFS:
             if (dirpath, name) in self.volatile:
                 raise oserror(errno.EEXIST)
             node = Node(self.table.allocate(), Kind.VOLATILE)
-            node.volatile = VolatileFile(self._new_attrs(mode, caller), bytearray(), node.inode)
+            node.volatile = VolatileFile(self._new_attrs(mode, caller, parent), bytearray(),
+                                         node.inode)
             self.table.nodes[node.inode] = node
             self.volatile[(dirpath, name)] = node.volatile
         else:
@@ -546,7 +556,7 @@ class MailFS:
                 await self._import_dir(parent, dirpath)
             if self.store.lookup(dirpath, name) is not None:
                 raise oserror(errno.EEXIST)
-            attrs = self._new_attrs(mode, caller)
+            attrs = self._new_attrs(mode, caller, parent)
             stored = self.store.create(dirpath, name, attrs.mode, attrs.uid, attrs.gid)
             node = self.table.replicated(stored.fid)
         entry = self._node_entry(node)
@@ -581,8 +591,8 @@ class MailFS:
                                                 caller.uid, caller.gid)
         # The store holds a link as a file whose content is the target, as ext4 reports it.
         now = time.time_ns()
-        attrs = Attrs(stat.S_IFLNK | 0o777, caller.uid, caller.gid, 1, len(target),
-                      now, now, now)
+        attrs = Attrs(stat.S_IFLNK | 0o777, caller.uid, self._new_file_group(parent, caller), 1,
+                      len(target), now, now, now)
         return self._make_stored(parent, name, cls, attrs, target)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -604,7 +614,7 @@ class MailFS:
             await self.release(info.fh)
             return entry
         now = time.time_ns()
-        attrs = Attrs(mode, caller.uid, caller.gid, 1, 0, now, now, now)
+        attrs = Attrs(mode, caller.uid, self._new_file_group(parent, caller), 1, 0, now, now, now)
         device = kind in (stat.S_IFCHR, stat.S_IFBLK)
         return self._make_stored(parent, name, cls, attrs,
                                  DEVICE_NUMBER.pack(rdev) if device else b"")
@@ -1173,13 +1183,41 @@ def _create_owned(path: bytes, flags: int, mode: int, uid: int, gid: int, parent
                   ) -> tuple[int, os.stat_result, os.stat_result]:
     fd = os.open(path, flags, mode)
     try:
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)  # the daemon's own umask must not narrow the caller's mode
-        return fd, os.fstat(fd), os.lstat(parent)
+        parent_st = os.lstat(parent)
+        st = _settle(fd, os.fstat(fd), uid, gid, mode, parent_st)
+        return fd, st, parent_st
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
+
+
+def _settle(target: bytes | int, st: os.stat_result, uid: int, gid: int, mode: int | None,
+            parent_st: os.stat_result) -> os.stat_result:
+    """Give a file the daemon just made the owner and mode the caller would have got.
+
+    In a set-group-ID directory the group is the directory's and a new directory keeps
+    the bit, as the backing filesystem itself decided. Only what differs is changed: each
+    change moves the file's ctime away from its mtime, which a file made by the caller
+    would not show.
+    """
+    if parent_st.st_mode & stat.S_ISGID:
+        gid = parent_st.st_gid
+        if mode is not None and stat.S_ISDIR(st.st_mode):
+            mode |= stat.S_ISGID
+    changed = False
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        if isinstance(target, bytes):
+            os.lchown(target, uid, gid)
+        else:
+            os.fchown(target, uid, gid)
+        changed = True
+    if mode is not None and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(target, mode)  # the daemon's own umask must not narrow the caller's mode
+        changed = True
+    if not changed:
+        return st
+    return os.lstat(target) if isinstance(target, bytes) else os.fstat(target)
 
 
 def _write_back_special(temp: bytes, content: bytes, attrs: Attrs) -> None:
@@ -1214,16 +1252,10 @@ def _mknod_owned(path: bytes, mode: int, rdev: int, uid: int, gid: int) -> os.st
 
 
 def _owned(path: bytes, uid: int, gid: int, mode: int | None) -> os.stat_result:
-    """Give a file the caller made its owner and mode, touching only what differs: each
-    change moves its ctime away from its mtime, which a file made by the caller would not
-    show. The file is removed again if that fails."""
+    """`_settle` a file just made by name; it is removed again if that fails."""
     try:
-        st = os.lstat(path)
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.lchown(path, uid, gid)
-        if mode is not None and stat.S_IMODE(st.st_mode) != mode:
-            os.chmod(path, mode)  # not narrowed by the daemon's own umask
-        return os.lstat(path)
+        return _settle(path, os.lstat(path), uid, gid, mode,
+                       os.lstat(os.path.dirname(path) or b"."))
     except BaseException:
         os.unlink(path)
         raise
@@ -1240,12 +1272,11 @@ def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int, parent: bytes
                  ) -> tuple[os.stat_result, os.stat_result]:
     os.mkdir(path, mode)
     try:
-        os.chown(path, uid, gid)
-        os.chmod(path, mode)
+        parent_st = os.lstat(parent)
+        return _settle(path, os.lstat(path), uid, gid, mode, parent_st), parent_st
     except BaseException:
         os.rmdir(path)
         raise
-    return os.lstat(path), os.lstat(parent)
 
 
 def _unlink(path: bytes, parent: bytes) -> os.stat_result:

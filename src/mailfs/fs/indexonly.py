@@ -77,6 +77,23 @@ class IndexOnlyFS(MailFS):
         self.table.entries[(parent.inode, name)] = inode
         return node
 
+    def _parent_attrs(self, parent: Node) -> tuple[int, int]:
+        """(mode, gid) of a directory: stored, or the mountpoint directory for the root."""
+        if parent.inode == ROOT:
+            return self.root_stat.st_mode, self.root_stat.st_gid
+        attrs = self.store.get(parent.fid).attrs
+        return attrs.mode, attrs.gid
+
+    def _parent_mode(self, parent: Node) -> int:
+        return self._parent_attrs(parent)[0]
+
+    def _new_file_group(self, parent: Node | None, caller: Caller) -> int:
+        """In a set-group-ID directory, new entries take the directory's group."""
+        if parent is None:
+            return caller.gid
+        mode, gid = self._parent_attrs(parent)
+        return gid if mode & stat.S_ISGID else caller.gid
+
     def _node_for(self, parent: Node, name: bytes, fid: int) -> Node:
         if stat.S_ISDIR(self.store.get(fid).attrs.mode):
             return self._dir_node(parent, name, fid)
@@ -161,8 +178,11 @@ class IndexOnlyFS(MailFS):
         dirpath = self.table.dirpath(parent)
         if self.store.lookup(dirpath, name) is not None:
             raise oserror(errno.EEXIST)
-        stored = self.store.create(dirpath, name, stat.S_IFDIR | (mode & 0o7777 & ~caller.umask),
-                                   caller.uid, caller.gid)
+        mode = stat.S_IFDIR | (mode & 0o7777 & ~caller.umask)
+        if self._parent_mode(parent) & stat.S_ISGID:
+            mode |= stat.S_ISGID  # a set-group-ID directory passes the bit on, as on ext4
+        stored = self.store.create(dirpath, name, mode, caller.uid,
+                                   self._new_file_group(parent, caller))
         node = self._dir_node(parent, name, stored.fid)
         node.lookups += 1
         return self._dir_entry(node)
