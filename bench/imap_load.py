@@ -92,6 +92,8 @@ class LoadConfig:
     mix: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MIX))
     io_timeout: float = 60.0
     max_errors: int = 50  # per client, then it gives up
+    reconnect_tries: int = 1  # after a dropped connection (the soak run retries longer)
+    reconnect_pause: float = 0.5
     start_timeout: float = 300.0  # for login + populate of all clients
 
 
@@ -122,6 +124,7 @@ class ClientResult:
     populate_seconds: float = 0.0
     ops: dict[str, OpStats] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
+    error_times: list[float] = field(default_factory=list)  # wall clock, for the soak run
     fatal: str | None = None
 
     @property
@@ -533,11 +536,9 @@ def run_client(
             stat.errors += 1
             note(result, name, exc)
             client.close()
-            try:
-                client.connect()
-                client.select("INBOX")
-            except Exception as again:
-                result.fatal = f"reconnect after {name} failed: {describe(again)}"
+            failure = reconnect(client, config)
+            if failure is not None:
+                result.fatal = f"reconnect after {name} failed: {failure}"
                 break
         except (imaplib.IMAP4.error, CorruptMessage) as exc:
             errors += 1
@@ -564,7 +565,24 @@ def process_cpu() -> float:
     return times.user + times.system
 
 
+def reconnect(client: ImapClient, config: LoadConfig) -> str | None:
+    """Log in again after a dropped connection; why it failed every time, or None."""
+    failure = "no attempt"
+    for attempt in range(max(1, config.reconnect_tries)):
+        if attempt:
+            time.sleep(config.reconnect_pause)
+        try:
+            client.connect()
+            client.select("INBOX")
+            return None
+        except Exception as again:
+            failure = describe(again)
+            client.close()
+    return failure
+
+
 def note(result: ClientResult, name: str, exc: BaseException) -> None:
+    result.error_times.append(time.time())
     if len(result.error_samples) < 10:
         result.error_samples.append(f"{name}: {describe(exc)}")
 
