@@ -241,9 +241,28 @@ class Soak:
                            "fatal": len(result.fatal)}
         return split
 
-    def dovecot_problems(self) -> dict[str, list[str]]:
-        return {node: dovecot.log_problems() + dovecot.index_rebuild_lines()
-                for node, dovecot in self.dovecots.items()}
+    def dovecot_problems(self) -> dict[str, dict[str, list[str]]]:
+        """Dovecot's error, panic, fatal and index-rebuild lines per node, split like the
+        IMAP errors: those of a node while it was disturbed (its index files vanished with
+        the daemon, or its disk was full) and all others."""
+        split: dict[str, dict[str, list[str]]] = {}
+        for node, dovecot in self.dovecots.items():
+            lines = dovecot.log_problems() + dovecot.index_rebuild_lines()
+            own = [line for line in lines
+                   if (when := log_time(line)) is not None and self.own_error(node, when)]
+            split[node] = {"while disturbed": own,
+                           "other": [line for line in lines if line not in own]}
+        return split
+
+
+def log_time(line: str) -> float | None:
+    """The wall-clock time of a Dovecot log line ("Nov 30 13:03:59 imap(...)": local time,
+    to the second; the year is this one)."""
+    try:
+        stamp = datetime.strptime(f"{datetime.now().year} {line[:15]}", "%Y %b %d %H:%M:%S")
+    except ValueError:
+        return None
+    return time.mktime(stamp.timetuple()) + 0.999  # anywhere in that second
 
 
 def rss_mib(pid: int) -> float:
@@ -282,17 +301,20 @@ def report(soak: Soak, info: dict[str, str]) -> str:
                      f"other {counts['other']}), clients that gave up {counts['fatal']}, "
                      f"bodies verified {result.verified}")
         lines += [f"     {sample}" for sample in result.error_samples()[:5]]
-    lines += ["", "Dovecot error, panic, fatal and index rebuild lines (per node):"]
+    lines += ["", "Dovecot error, panic, fatal and index rebuild lines (per node; split the "
+              "same way):"]
     for node, found in sorted(problems.items()):
-        lines.append(f"  {node}: {len(found)}")
-        lines += [f"     {line[:240]}" for line in found[:8]]
+        lines.append(f"  {node}: while disturbed {len(found['while disturbed'])}, "
+                     f"other {len(found['other'])}")
+        lines += [f"     other: {line[:240]}" for line in found["other"][:8]]
+        lines += [f"     while disturbed: {line[:240]}" for line in found["while disturbed"][:3]]
     lines += ["", "daemon RSS, MiB (min / max over the run; a daemon is new after each kill):"]
     lines += [f"  {node}: {min(v):.0f} / {max(v):.0f}" if v else f"  {node}: -"
               for node, v in rss.items()]
     lines += ["", "replication lag seen by node a, s (median / max):"]
     for peer, values in lag.items():
         ordered = sorted(values)
-        lines.append(f"  {peer}: {ordered[len(ordered) // 2]:.3f} / {ordered[-1]:.1f}"
+        lines.append(f"  {peer}: {ordered[len(ordered) // 2]:.3f} / {ordered[-1]:.3f}"
                      if ordered else f"  {peer}: -")
     lines += ["", f"identical replicated state on every node at the end: "
               f"{'yes' if soak.converged else 'NO'} {soak.final_states}"]
@@ -363,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors = soak.errors()
         bad = (soak.problems or not soak.converged
                or any(counts["other"] or counts["fatal"] for counts in errors.values())
-               or any(soak.dovecot_problems().values()))
+               or any(found["other"] for found in soak.dovecot_problems().values()))
         if bad:
             keep[0] = True
         args.results.mkdir(parents=True, exist_ok=True)
@@ -374,6 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "errors": errors, "disturbances": [vars(d) for d in soak.disturbances],
             "samples": [vars(s) for s in soak.samples], "converged": soak.converged,
+            "dovecot_problems": soak.dovecot_problems(),
             "problems": soak.problems,
         }
         (args.results / "soak.json").write_text(json.dumps(dump, indent=1) + "\n")
