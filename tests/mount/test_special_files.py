@@ -309,3 +309,62 @@ def setgid_directory(root: Path) -> Observed:
 
 def test_a_set_group_id_directory_passes_its_group_on(base: Path, mount: MailfsMount) -> None:
     assert setgid_directory(mount.mountpoint) == setgid_directory(base / "local")
+
+
+def file_changes(name: str) -> list[tuple[str, Callable[[Path], object], str]]:
+    """(what, the call on directory d, the file's name after it)."""
+    f = name
+    return [
+        ("write", lambda d: (d / f).write_bytes(b"more"), f),
+        ("append", lambda d: _append(d / f), f),
+        ("truncate", lambda d: os.truncate(d / f, 1), f),
+        ("chmod", lambda d: os.chmod(d / f, 0o600), f),
+        ("chown", lambda d: os.chown(d / f, 1234, 1234), f),
+        ("utime", lambda d: os.utime(d / f, ns=(5_000_000_000, 6_000_000_000)), f),
+        ("link", lambda d: os.link(d / f, d / (f + ".2")), f),
+        ("unlink the other name", lambda d: os.unlink(d / (f + ".2")), f),
+        ("rename", lambda d: os.rename(d / f, d / (f + ".new")), f + ".new"),
+        ("rename back", lambda d: os.rename(d / (f + ".new"), d / f), f),
+        ("read", lambda d: (d / f).read_bytes(), f),
+    ]
+
+
+def _append(path: Path) -> None:
+    with open(path, "ab") as out:
+        out.write(b"x")
+
+
+def time_changes(root: Path, name: str) -> dict[str, tuple[bool, bool, bool, bool]]:
+    """For each call on a file: did the file's ctime and mtime, and its directory's, move?"""
+    d = root / "times"
+    d.mkdir()
+    (d / name).write_bytes(b"content")
+    seen = {}
+    current = name
+    for what, call, after in file_changes(name):
+        before_file, before_dir = os.stat(d / current), os.stat(d)
+        time.sleep(0.01)
+        call(d)
+        current = after
+        after_file, after_dir = os.stat(d / current), os.stat(d)
+        seen[what] = (after_file.st_ctime_ns != before_file.st_ctime_ns,
+                      after_file.st_mtime_ns != before_file.st_mtime_ns,
+                      after_dir.st_ctime_ns != before_dir.st_ctime_ns,
+                      after_dir.st_mtime_ns != before_dir.st_mtime_ns)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["message", "dovecot.index.log"])
+def test_file_times_move_as_on_the_local_disk(base: Path, mount: MailfsMount, name: str) -> None:
+    """(file ctime, file mtime, directory ctime, directory mtime) changed or not, per call:
+    for a mail file and an index file (passthrough and meta store in the full overlay)."""
+    on_mount, on_disk = time_changes(mount.mountpoint, name), time_changes(base / "local", name)
+    if mount.backing is not None and name.startswith("dovecot"):
+        # Listed in ARCHITECTURE: index names live in the store, the directory on the
+        # backing store, which does not see them come and go.
+        on_disk = {what: (*seen[:2], False, False) if what in NAME_CHANGES else seen
+                   for what, seen in on_disk.items()}
+    assert on_mount == on_disk
+
+
+NAME_CHANGES = ("link", "unlink the other name", "rename", "rename back")

@@ -903,7 +903,12 @@ class MetaStore:
         self._set(b"names", src_key, None)
         if src_dir != dst_dir:
             self._dir_changed(src_dir, ctime_ns)
-        self._bind(dst_dir, dst_name, int(FID.unpack(moving)[0]), ctime_ns)
+        fid = int(FID.unpack(moving)[0])
+        self._bind(dst_dir, dst_name, fid, ctime_ns)
+        with contextlib.suppress(FileNotFoundError):  # a rename changes its file, as on ext4
+            renamed = self.get(fid)
+            renamed.attrs.ctime_ns = ctime_ns
+            self._touch(renamed)
 
     def _apply_rename_dir(self, old: bytes, new: bytes) -> None:
         for key in self._names_under(new):
