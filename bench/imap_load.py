@@ -77,6 +77,9 @@ APPENDUID_RE = re.compile(rb"\[APPENDUID \d+ (\d+)\]")
 imaplib.Commands.setdefault("MOVE", ("SELECTED",))
 
 
+MAX_ERROR_LOG = 1000
+
+
 @dataclass
 class LoadConfig:
     port: int
@@ -124,7 +127,9 @@ class ClientResult:
     populate_seconds: float = 0.0
     ops: dict[str, OpStats] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
-    error_times: list[float] = field(default_factory=list)  # wall clock, for the soak run
+    # (wall clock, what) of every error, the first MAX_ERROR_LOG: the soak run splits them
+    # by what was going on at the time.
+    error_log: list[tuple[float, str]] = field(default_factory=list)
     fatal: str | None = None
 
     @property
@@ -582,7 +587,8 @@ def reconnect(client: ImapClient, config: LoadConfig) -> str | None:
 
 
 def note(result: ClientResult, name: str, exc: BaseException) -> None:
-    result.error_times.append(time.time())
+    if len(result.error_log) < MAX_ERROR_LOG:
+        result.error_log.append((time.time(), f"{name}: {describe(exc)}"))
     if len(result.error_samples) < 10:
         result.error_samples.append(f"{name}: {describe(exc)}")
 

@@ -234,12 +234,17 @@ class Soak:
     def errors(self) -> dict[str, dict[str, int]]:
         split: dict[str, dict[str, int]] = {}
         for node, result in self.results.items():
-            times = [t for client in result.clients for t in client.error_times]
-            own = sum(1 for t in times if self.own_error(node, t))
-            split[node] = {"total": len(times), "while disturbed": own,
-                           "other": len(times) - own,
+            total = sum(client.total_errors for client in result.clients)
+            other = len(self.other_errors(node))
+            split[node] = {"total": total, "while disturbed": total - other, "other": other,
                            "fatal": len(result.fatal)}
         return split
+
+    def other_errors(self, node: str) -> list[str]:
+        """The node's clients' errors outside its own disturbances, with their time."""
+        return [f"{when - self.load_started_wall:6.1f} s: {what}"
+                for client in self.results[node].clients for when, what in client.error_log
+                if not self.own_error(node, when)]
 
     def dovecot_problems(self) -> dict[str, dict[str, list[str]]]:
         """Dovecot's error, panic, fatal and index-rebuild lines per node, split like the
@@ -300,7 +305,8 @@ def report(soak: Soak, info: dict[str, str]) -> str:
                      f"errors {counts['total']} (while disturbed {counts['while disturbed']}, "
                      f"other {counts['other']}), clients that gave up {counts['fatal']}, "
                      f"bodies verified {result.verified}")
-        lines += [f"     {sample}" for sample in result.error_samples()[:5]]
+        lines += [f"     other at {line}" for line in soak.other_errors(node)[:10]]
+        lines += [f"     {sample}" for sample in result.error_samples()[:3]]
     lines += ["", "Dovecot error, panic, fatal and index rebuild lines (per node; split the "
               "same way):"]
     for node, found in sorted(problems.items()):
@@ -395,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dump: dict[str, Any] = {
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "errors": errors, "disturbances": [vars(d) for d in soak.disturbances],
+            "other_errors": {node: soak.other_errors(node) for node in soak.results},
             "samples": [vars(s) for s in soak.samples], "converged": soak.converged,
             "dovecot_problems": soak.dovecot_problems(),
             "problems": soak.problems,
