@@ -128,3 +128,24 @@ def test_a_listing_read_across_renames_never_binds_an_old_name(
     # none may still resolve: the kernel would then have bound an old name to the file.
     still_there = [name for name in rest if name in names and os.path.lexists(folder / name)]
     assert still_there == []
+
+
+def test_a_listing_keeps_every_name_the_kernel_forgot_meanwhile(
+        make_mount) -> None:  # type: ignore[no-untyped-def]
+    """The other side of the check above: a file whose node the kernel forgot between two
+    readdir requests is still there and must still be listed (to Dovecot, a maildir file
+    missing from a listing is an expunged message)."""
+    mount: MailfsMount = make_mount()
+    folder = mount.mountpoint / "cur"
+    folder.mkdir()
+    names = {f"1700000000.M{n}P1.host:2,S" for n in range(3000)}
+    for name in names:
+        (folder / name).write_bytes(b"x")
+    for name in names:
+        os.stat(folder / name)  # the kernel knows every one of them now
+    with os.scandir(folder) as listing:
+        seen = {next(listing).name}
+        with open("/proc/sys/vm/drop_caches", "w") as caches:
+            caches.write("2")  # the kernel forgets whatever nothing holds
+        seen.update(entry.name for entry in listing)
+    assert seen == names

@@ -368,3 +368,27 @@ def test_file_times_move_as_on_the_local_disk(base: Path, mount: MailfsMount, na
 
 
 NAME_CHANGES = ("link", "unlink the other name", "rename", "rename back")
+
+
+def test_a_directory_rename_too_deep_for_its_index_files_is_refused_before_it_moves(
+        mount: MailfsMount) -> None:
+    """The store keys index files by their whole path (511 bytes at most). Renaming their
+    directory deeper than that must fail before anything moves, or the directory would
+    move on the backing store while its index files stayed keyed under the old path."""
+    root = mount.mountpoint
+    deep = root / ("d" * 255) / ("e" * 200)
+    deep.mkdir(parents=True)
+    (root / "box").mkdir()
+    (root / "box" / "dovecot.index.log").write_bytes(b"log")
+    (root / "plain").mkdir()
+    (root / "plain" / "message").write_bytes(b"mail")
+    with pytest.raises(OSError) as caught:
+        os.rename(root / "box", deep / ("f" * 60))
+    assert caught.value.errno == errno.ENAMETOOLONG
+    assert (root / "box" / "dovecot.index.log").read_bytes() == b"log"
+    if mount.backing is not None:  # no index file below: any depth the kernel passes
+        os.rename(root / "plain", deep / ("f" * 60))
+        assert (deep / ("f" * 60) / "message").read_bytes() == b"mail"
+    mount.stop()  # every change committed: nothing too deep reached LMDB
+    mount.start()
+    assert (root / "box" / "dovecot.index.log").read_bytes() == b"log"

@@ -427,6 +427,13 @@ class MetaStore:
         return found
 
     def _set(self, db: bytes, key: bytes, value: bytes | None) -> None:
+        if len(key) > MAX_KEY:
+            # Refused where names are made; this is what a journal or a peer from before
+            # that check may still carry. LMDB would fail the whole commit, and every later
+            # one, so the name is left out, alike on every node.
+            if value is not None:
+                log.error("leaving out a name too deep for the store: %r", key[:80])
+            return
         self.pending[(db, key)] = value
 
     def lookup(self, dirpath: bytes, name: bytes) -> int | None:
@@ -734,13 +741,21 @@ class MetaStore:
         Logged even when nothing is under `old`: whatever was recorded under `new` (the
         import marker of an empty directory renamed over) must go.
         """
-        moving = self._names_under(old)
-        longest = max(map(len, moving), default=0)
-        if longest and longest - len(old) + len(new) > MAX_KEY:
+        if self._names_under(old) or self._names_under(new):
+            self._log(Op.RENAME_DIR, old, new)
+
+    def check_rename_dir(self, old: bytes, new: bytes) -> None:
+        """Refuse, before anything moves, a directory rename that would leave an index file
+        below it with a path longer than the store keeps. (Import markers do not count: a
+        directory too deep to keep one is simply scanned again.)"""
+        grows = len(new) - len(old)
+        if grows <= 0:
+            return
+        longest = max((len(key) for key in self._names_under(old)
+                       if not key.endswith(SEP + IMPORTED)), default=0)
+        if longest and longest + grows > MAX_KEY:
             raise OSError(errno.ENAMETOOLONG,
                           "index files below would have paths longer than the store keeps")
-        if moving or self._names_under(new):
-            self._log(Op.RENAME_DIR, old, new)
 
     def remove_dir(self, dirpath: bytes) -> None:
         if self.is_imported(dirpath):
@@ -827,7 +842,8 @@ class MetaStore:
             directory = self.get(int(FID.unpack(raw)[0]))
         except FileNotFoundError:
             return
-        if stat.S_ISDIR(directory.attrs.mode):
+        if stat.S_ISDIR(directory.attrs.mode) and when_ns > directory.attrs.mtime_ns:
+            # Only forward: an import puts files with their old times.
             directory.attrs.mtime_ns = directory.attrs.ctime_ns = when_ns
             self._touch(directory)
 
@@ -915,10 +931,13 @@ class MetaStore:
             self._set(b"names", key, None)
         for key, value in self._names_under(old).items():
             moved = new + key[len(old):]
-            if len(moved) <= MAX_KEY:  # refused where it was made; a peer's is dropped
+            if len(moved) <= MAX_KEY:
                 self._set(b"names", moved, value)
-            else:
-                log.error("a directory rename left %r too deep to keep", moved)
+            elif value and value != IMPORTED:
+                # Refused where it was made (check_rename_dir); from a peer of an older
+                # version, the name is dropped, and its file with it once unused.
+                log.error("a directory rename left %r too deep to keep", moved[:80])
+                self._lose_link(int(FID.unpack(value)[0]), time.time_ns())
             self._set(b"names", key, None)
 
     def _apply_drop(self, fid: int) -> None:

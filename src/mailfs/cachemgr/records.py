@@ -165,6 +165,11 @@ def path_problem(record: Record) -> str | None:
             problem = name_problem(name)
             if problem is not None:
                 return f"SNAP_NAME with {problem}"
+        dirpath = record.fields[0]
+        assert isinstance(dirpath, bytes)
+        problem = key_problem(dirpath, name)
+        if problem is not None:
+            return f"SNAP_NAME with {problem}"
     return None
 
 Field = int | bytes | Attrs

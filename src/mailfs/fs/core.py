@@ -54,6 +54,7 @@ IMPORT_LIMIT = 1 << 30
 # setattr for it, drops its own pages and size, and expects open() to truncate.
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
 DEVICE_NUMBER = struct.Struct("<Q")
+NAME_MAX = 255  # ext4's, and what peers accept in a record
 
 
 def oserror(code: int, what: str = "") -> OSError:
@@ -103,6 +104,9 @@ class MailFS:
         # Passthrough files whose backing names are changing right now (a rename, link or
         # unlink between its backing call and our table update): inode -> set when done.
         self.name_changes: dict[int, trio.Event] = {}
+        # The same for a directory rename, which changes the paths of everything below.
+        self.dir_rename: trio.Event | None = None
+        self.dir_renames = 0
         self._imports: dict[int, trio.Event] = {}
         self.getattr_by_kind: Counter[str] = Counter()
         self._next_fh = 1
@@ -247,6 +251,11 @@ class MailFS:
 
     async def lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        if len(name) > NAME_MAX:
+            # The kernel looks every new name up before making it, so this refuses create,
+            # mkdir, mknod, symlink, link and rename to such a name too, as ext4 does (peers
+            # refuse longer names, so one made here would stall replication).
+            raise oserror(errno.ENAMETOOLONG)
         if name == b".":
             return await self.getattr(parent_inode, count_lookup=True)
         if name == b"..":
@@ -344,7 +353,7 @@ class MailFS:
         and when none works while a name change is in flight, we wait for it and retry.
         """
         while True:
-            version = node.names_version
+            version = (node.names_version, self.dir_renames)
             for relative in self._backing_names(node):
                 try:
                     fd, st = await self.backing.run_undoable(
@@ -355,11 +364,23 @@ class MailFS:
                     return fd, st
                 if isinstance(fd, int) and fd >= 0:
                     await self.backing.run(os.close, fd)
-            pending = self.name_changes.get(node.inode)
+            pending = self.name_changes.get(node.inode) or self.dir_rename
             if pending is not None:
                 await pending.wait()
-            elif node.names_version == version:
+            elif (node.names_version, self.dir_renames) == version:
                 raise oserror(errno.ENOENT)
+
+    @contextlib.contextmanager
+    def _renaming_directory(self) -> Iterator[None]:
+        """Directory renames are rare: one event for all of them is enough."""
+        done = self.dir_rename = trio.Event()
+        try:
+            yield
+        finally:
+            self.dir_renames += 1
+            if self.dir_rename is done:
+                self.dir_rename = None
+            done.set()
 
     def _backing_names(self, node: Node) -> list[bytes]:
         names = [] if node.detached else [(node.parent, node.name)]
@@ -369,6 +390,10 @@ class MailFS:
     @contextlib.contextmanager
     def _changing_names(self, node: Node | None) -> Iterator[None]:
         """Around a backing rename, link or unlink and the table update that follows it."""
+        if node is not None and node.kind is Kind.DIR:
+            with self._renaming_directory():
+                yield
+            return
         if node is None or node.kind is not Kind.PASSTHROUGH:
             yield
             return
@@ -517,7 +542,9 @@ class MailFS:
 
     @staticmethod
     def _write_back(path: bytes, content: bytes, attrs: Attrs) -> None:
-        temp = path + b".mailfs-export"
+        # A short temp name beside it: the file's own name may already be 255 bytes.
+        directory, _, _ = path.rpartition(b"/")
+        temp = (directory + b"/" if directory else b"") + b".mailfs-export.tmp"
         if not stat.S_ISREG(attrs.mode):
             _write_back_special(temp, content, attrs)
             os.rename(temp, path)
@@ -830,9 +857,12 @@ class MailFS:
             (await self._backing_stat(old_rel)).st_mode)
         if is_dir and (self.store.names_in(new_rel) or self._volatile_in(new_rel)):
             raise oserror(errno.ENOTEMPTY)
+        if is_dir:
+            self.store.check_rename_dir(old_rel, new_rel)
         replaced_inode = self.table.entries.get((dst_dir.inode, new_name))
         replaced = self.table.nodes.get(replaced_inode) if replaced_inode else None
-        with self._changing_names(moving), self._changing_names(replaced):
+        renaming = self._renaming_directory() if is_dir else self._changing_names(moving)
+        with renaming, self._changing_names(replaced):
             src_st, dst_st = await self.backing.run(
                 _rename, self.backing.path(old_rel), self.backing.path(new_rel), noreplace,
                 self.backing.path(self.table.dirpath(src_dir)),
@@ -1117,29 +1147,51 @@ class MailFS:
 
     def entries_from(self, listing: DirListing, start: int
                      ) -> Iterator[tuple[int, bytes, pyfuse3.EntryAttributes, Node]]:
-        """The listing from `start` on, without the names that changed since it was taken.
+        """The listing from `start` on, each entry with the node its name refers to now.
 
         A listing is read once and handed out over several readdir requests; in between, the
-        directory is unlocked and a name may be renamed, unlinked or forgotten. The kernel
-        makes a dentry of every entry it gets, so a stale one would bind an old name to a
-        node that now lives elsewhere (and a dead node's lookup count would go uncounted).
+        directory is unlocked. A name renamed or unlinked meanwhile is left out: the kernel
+        makes a dentry of every entry it gets, and a stale one would bind the old name to a
+        file that now lives elsewhere. A node the kernel forgot meanwhile is looked up
+        again instead (its name is still good), or the entry would go missing: to Dovecot,
+        a maildir file missing from a listing is an expunged message.
         """
         assert listing.entries is not None
         parent = listing.node
         dirpath = self.table.dirpath(parent)
         for index in range(start, len(listing.entries)):
             name, entry, node = listing.entries[index]
-            if self._still_named(parent, dirpath, name, node):
-                yield index, name, entry, node
+            current = self._named_now(parent, dirpath, name, node)
+            if current is not None:
+                entry.st_ino = current.inode  # type: ignore[assignment]
+                yield index, name, entry, current
 
-    def _still_named(self, parent: Node, dirpath: bytes, name: bytes, node: Node) -> bool:
-        if self.table.nodes.get(node.inode) is not node:
-            return False
+    def _named_now(self, parent: Node, dirpath: bytes, name: bytes, node: Node) -> Node | None:
+        """The node `name` refers to now, if it is still the file the listing saw."""
         if node.kind is Kind.VOLATILE:
-            return self.volatile.get((dirpath, name)) is node.volatile
+            volatile = self.volatile.get((dirpath, name))
+            if volatile is None or volatile is not node.volatile:
+                return None
+            return self.table.nodes.get(volatile.inode)
         if node.kind is Kind.REPLICATED or node.fid:  # index-only directories have fids
-            return self.store.lookup(dirpath, name) == node.fid
-        return self.table.entries.get((parent.inode, name)) == node.inode
+            fid = self.store.lookup(dirpath, name)
+            if fid != node.fid:
+                return None
+            return self._node_for(parent, name, fid)
+        inode = self.table.entries.get((parent.inode, name))
+        if inode is not None:
+            current = self.table.nodes.get(inode)
+            if current is None or current.backing_ino != node.backing_ino:
+                return None  # renamed over, or another file took the name
+            return current
+        if node.inode in self.table.nodes:
+            # Still known (this node, or a later one for the same file: numbers are kept
+            # per file) but not under this name: renamed or unlinked here.
+            return None
+        return self.table.placed(parent, name, node.kind, node.backing_ino)
+
+    def _node_for(self, parent: Node, name: bytes, fid: int) -> Node:
+        return self.table.replicated(fid)
 
     async def fsyncdir(self, fh: int) -> None:
         listing = self.dir_handles.get(fh)
@@ -1150,7 +1202,7 @@ class MailFS:
                                        self.backing.path(self.table.dirpath(listing.node)))
 
     async def statfs(self) -> pyfuse3.StatvfsData:
-        return statvfs_data(await self.backing.run(os.statvfs, self.backing.root))
+        return statvfs_data(await self.backing.run(os.statvfs, self.backing.path(b"")))
 
     # ------------------------------------------------------------------ status
 
@@ -1209,9 +1261,11 @@ def _settle(target: bytes | int, st: os.stat_result, uid: int, gid: int, mode: i
     if (st.st_uid, st.st_gid) != (uid, gid):
         if isinstance(target, bytes):
             os.lchown(target, uid, gid)
+            st = os.lstat(target)
         else:
             os.fchown(target, uid, gid)
-        changed = True
+            st = os.fstat(target)
+        changed = True  # and a chown may have cleared set-user-ID and set-group-ID
     if mode is not None and stat.S_IMODE(st.st_mode) != mode:
         os.chmod(target, mode)  # the daemon's own umask must not narrow the caller's mode
         changed = True
@@ -1315,7 +1369,10 @@ def _lstat_as_open(path: bytes) -> tuple[int, os.stat_result]:
 
 def _truncate_fd(fd: int) -> os.stat_result:
     # Through /proc: the fd may be open read-only, and Linux truncates on O_RDONLY|O_TRUNC.
-    os.truncate(f"/proc/self/fd/{fd}", 0)
+    path = f"/proc/self/fd/{fd}"
+    os.truncate(path, 0)
+    # open(O_TRUNC) marks mtime and ctime even when the file was empty; truncate does not.
+    os.utime(path, ns=(os.fstat(fd).st_atime_ns, time.time_ns()))
     return os.fstat(fd)
 
 

@@ -30,6 +30,7 @@ from mailfs.cachemgr.records import Attrs, Op, Record, path_problem
 from mailfs.fs.classifier import FileClass
 from mailfs.fs.core import (
     DEVICE_NUMBER,
+    NAME_MAX,
     Caller,
     DirListing,
     MailFS,
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 
 # A directory's stored nlink is 1 (its one name); stat shows the customary 2.
 DIR_NLINK = 2
-# The longest name ext4 (and this mount in the other mode, through it) accepts.
-NAME_MAX = 255
 
 
 class IndexOnlyFS(MailFS):
@@ -239,6 +238,7 @@ class IndexOnlyFS(MailFS):
                 raise oserror(errno.ENOTDIR)
             if self.store.names_in(new) or self._volatile_in(new):
                 raise oserror(errno.ENOTEMPTY)
+        self.store.check_rename_dir(old, new)
         self.store.rename(src_path, old_name, dst_path, new_name)
         self.store.rename_dir(old, new)
         self._rename_volatile_dir(old, new)
@@ -318,6 +318,7 @@ class IndexOnlyFS(MailFS):
         count = 0
         for relative, st in walked:
             dirpath, _, name = relative.rpartition(b"/")
+            # path_problem also skips a path longer than the store keeps.
             if (self.classifier.classify(name) is FileClass.VOLATILE
                     or path_problem(Record(0, Op.UNLINK, (dirpath, name, 0))) is not None):
                 continue
