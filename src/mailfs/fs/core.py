@@ -364,7 +364,9 @@ class MailFS:
                     return fd, st
                 if isinstance(fd, int) and fd >= 0:
                     await self.backing.run(os.close, fd)
-            pending = self.name_changes.get(node.inode) or self.dir_rename
+            pending = self.name_changes.get(node.inode)
+            if pending is None:
+                pending = self.dir_rename  # (trio events refuse to be used as bools)
             if pending is not None:
                 await pending.wait()
             elif (node.names_version, self.dir_renames) == version:
