@@ -422,6 +422,17 @@ class MailFS:
         node.lookups = max(0, node.lookups - count)
         self._maybe_release(node)
 
+    def _drop_unlinked(self, fid: int) -> None:
+        """Forget an index file with no names left. While a peer's snapshot is installed,
+        or with the state disk full, it cannot be journaled: the file stays an orphan,
+        which the next mount drops (the kernel has forgotten it either way, and a forget
+        has nobody to report an error to)."""
+        try:
+            self.store.drop(fid)
+        except OSError as exc:
+            log.info("dropping unlinked index file %d at the next mount instead: %s",
+                     fid, exc.strerror)
+
     def _maybe_release(self, node: Node) -> None:
         """Free a node nobody holds: not the kernel, not an open file."""
         if node.lookups or node.opens:
@@ -432,7 +443,7 @@ class MailFS:
             except FileNotFoundError:
                 stored = None
             if stored is not None and stored.attrs.nlink == 0:
-                self.store.drop(node.fid)
+                self._drop_unlinked(node.fid)
             self.table.fid_inode.pop(node.fid, None)
             del self.table.nodes[node.inode]
         elif node.kind is Kind.VOLATILE:
@@ -737,7 +748,7 @@ class MailFS:
             except FileNotFoundError:
                 return
             if stored.attrs.nlink == 0 and stored.opens == 0:
-                self.store.drop(fid)
+                self._drop_unlinked(fid)
         else:
             self._maybe_release(self.table.nodes[inode])
 

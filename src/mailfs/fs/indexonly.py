@@ -120,7 +120,7 @@ class IndexOnlyFS(MailFS):
         except FileNotFoundError:
             return
         if gone:
-            self.store.drop(node.fid)
+            self._drop_unlinked(node.fid)
 
     # ------------------------------------------------------------------ lookup / getattr
 
