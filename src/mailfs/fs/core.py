@@ -233,16 +233,18 @@ class MailFS:
     async def _backing_stat(self, relative: bytes) -> os.stat_result:
         return await self.backing.run(os.lstat, self.backing.path(relative))
 
-    def _new_attrs(self, mode: int, caller: Caller, parent: Node | None = None) -> Attrs:
+    def _new_attrs(self, mode: int, caller: Caller, parent: Node) -> Attrs:
+        """Attributes of a file the caller makes in the store; `mode` has its type and
+        the permissions the caller's umask left."""
         now = time.time_ns()
-        return Attrs(stat.S_IFREG | (mode & 0o7777 & ~caller.umask), caller.uid,
-                     self._new_file_group(parent, caller), 1, 0, now, now, now)
+        return Attrs(mode, caller.uid, self._new_file_group(parent, caller), 1, 0,
+                     now, now, now)
 
-    def _new_file_group(self, parent: Node | None, caller: Caller) -> int:
+    def _new_file_group(self, parent: Node, caller: Caller) -> int:
         """The group of a file made in the store: the directory's in a set-group-ID
         directory, as ext4 does (known from the directory's last stat, which its lookup
         took; directory modes and groups rarely change)."""
-        cached = parent.stat_cache if parent is not None else None
+        cached = parent.stat_cache
         if cached is not None and cached[1].st_mode & stat.S_ISGID:
             return cached[1].st_gid
         return caller.gid
@@ -587,8 +589,9 @@ class MailFS:
             if (dirpath, name) in self.volatile:
                 raise oserror(errno.EEXIST)
             node = Node(self.table.allocate(), Kind.VOLATILE)
-            node.volatile = VolatileFile(self._new_attrs(mode, caller, parent), bytearray(),
-                                         node.inode)
+            attrs = self._new_attrs(stat.S_IFREG | (mode & 0o7777 & ~caller.umask), caller,
+                                    parent)
+            node.volatile = VolatileFile(attrs, bytearray(), node.inode)
             self.table.nodes[node.inode] = node
             self.volatile[(dirpath, name)] = node.volatile
         else:
@@ -596,7 +599,8 @@ class MailFS:
                 await self._import_dir(parent, dirpath)
             if self.store.lookup(dirpath, name) is not None:
                 raise oserror(errno.EEXIST)
-            attrs = self._new_attrs(mode, caller, parent)
+            attrs = self._new_attrs(stat.S_IFREG | (mode & 0o7777 & ~caller.umask), caller,
+                                    parent)
             stored = self.store.create(dirpath, name, attrs.mode, attrs.uid, attrs.gid)
             node = self.table.replicated(stored.fid)
         entry = self._node_entry(node)
@@ -629,11 +633,9 @@ class MailFS:
         if cls is FileClass.PASSTHROUGH:
             return await self._make_passthrough(parent, name, _symlink_owned, target,
                                                 caller.uid, caller.gid)
-        # The store holds a link as a file whose content is the target, as ext4 reports it.
-        now = time.time_ns()
-        attrs = Attrs(stat.S_IFLNK | 0o777, caller.uid, self._new_file_group(parent, caller), 1,
-                      len(target), now, now, now)
-        return self._make_stored(parent, name, cls, attrs, target)
+        # The store holds a link as a file whose content is the target (its size, as ext4).
+        return self._make_stored(parent, name, cls,
+                                 self._new_attrs(stat.S_IFLNK | 0o777, caller, parent), target)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     caller: Caller) -> pyfuse3.EntryAttributes:
@@ -653,10 +655,8 @@ class MailFS:
             info, entry = await self.create(parent_inode, name, mode, os.O_RDONLY, caller)
             await self.release(info.fh)
             return entry
-        now = time.time_ns()
-        attrs = Attrs(mode, caller.uid, self._new_file_group(parent, caller), 1, 0, now, now, now)
         device = kind in (stat.S_IFCHR, stat.S_IFBLK)
-        return self._make_stored(parent, name, cls, attrs,
+        return self._make_stored(parent, name, cls, self._new_attrs(mode, caller, parent),
                                  DEVICE_NUMBER.pack(rdev) if device else b"")
 
     async def _make_passthrough(self, parent: Node, name: bytes,

@@ -83,13 +83,8 @@ class IndexOnlyFS(MailFS):
         attrs = self.store.get(parent.fid).attrs
         return attrs.mode, attrs.gid
 
-    def _parent_mode(self, parent: Node) -> int:
-        return self._parent_attrs(parent)[0]
-
-    def _new_file_group(self, parent: Node | None, caller: Caller) -> int:
+    def _new_file_group(self, parent: Node, caller: Caller) -> int:
         """In a set-group-ID directory, new entries take the directory's group."""
-        if parent is None:
-            return caller.gid
         mode, gid = self._parent_attrs(parent)
         return gid if mode & stat.S_ISGID else caller.gid
 
@@ -178,7 +173,7 @@ class IndexOnlyFS(MailFS):
         if self.store.lookup(dirpath, name) is not None:
             raise oserror(errno.EEXIST)
         mode = stat.S_IFDIR | (mode & 0o7777 & ~caller.umask)
-        if self._parent_mode(parent) & stat.S_ISGID:
+        if self._parent_attrs(parent)[0] & stat.S_ISGID:
             mode |= stat.S_ISGID  # a set-group-ID directory passes the bit on, as on ext4
         stored = self.store.create(dirpath, name, mode, caller.uid,
                                    self._new_file_group(parent, caller))
