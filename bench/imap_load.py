@@ -98,6 +98,11 @@ class LoadConfig:
     reconnect_tries: int = 1  # after a dropped connection (the soak run retries longer)
     reconnect_pause: float = 0.5
     start_timeout: float = 300.0  # for login + populate of all clients
+    # Each user's folders are made by one session before the clients start, as an admin's
+    # provisioning would. Dovecot 2.3 can panic with EDEADLK when several sessions of a
+    # brand-new user autocreate INBOX at once on any filesystem slower than local disk
+    # (docs/ARCHITECTURE.md, "Dovecot's first-login race"); False reproduces that.
+    provision: bool = True
 
 
 @dataclass
@@ -313,14 +318,17 @@ class ImapClient:
         self.conn.untagged_responses.clear()  # imaplib keeps every untagged line otherwise
         return self.conn
 
-    def setup(self) -> None:
-        self.connect()
+    def create_folders(self) -> None:
         existing = self.c.list()[1]
         for folder in FOLDERS[1:]:
             if not any(folder.encode() in (line or b"") for line in existing):
                 typ, data = self.c.create(folder)
                 if not (self.shared and b"ALREADYEXISTS" in b" ".join(data)):
                     check((typ, data), f"CREATE {folder}")
+
+    def setup(self) -> None:
+        self.connect()
+        self.create_folders()
         check(self.c.subscribe("Archive"), "SUBSCRIBE")
         for folder in FOLDERS:
             self.select(folder)
@@ -496,6 +504,19 @@ def check(result: tuple[str, Sequence[object]], what: str) -> None:
         raise imaplib.IMAP4.error(f"{what}: {typ} {detail}".strip())
 
 
+def provision(config: LoadConfig) -> None:
+    """One session per user makes INBOX and the folders, before any client logs in."""
+    for index, user in enumerate(dict.fromkeys(config.users)):
+        client = ImapClient(config, user, -1 - index, shared=True)
+        try:
+            client.connect()
+            client.create_folders()
+            for folder in FOLDERS:
+                check(client.c.select(folder), f"SELECT {folder}")
+        finally:
+            client.close()
+
+
 def run_client(
     index: int, user: str, config: LoadConfig, barrier: Barrier, out: mp.Queue[ClientResult]
 ) -> None:
@@ -616,6 +637,8 @@ def run_load(
     unknown = set(config.mix) - set(DEFAULT_MIX)
     if unknown:
         raise ValueError(f"unknown operations in mix: {', '.join(sorted(unknown))}")
+    if config.provision:
+        provision(config)
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(config.clients + 1)  # the clients, and this process
     out: mp.Queue[ClientResult] = ctx.Queue()
@@ -695,12 +718,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=int(os.environ.get("BENCH_SEED", "1")))
     parser.add_argument("--mix", type=parse_mix, default=dict(DEFAULT_MIX),
                         help="override weights, e.g. append=20,relogin=0")
+    parser.add_argument("--no-provision", dest="provision", action="store_false",
+                        help="let every client of a new user autocreate INBOX at once")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     args = parser.parse_args(argv)
     config = LoadConfig(
         port=args.port, users=args.users, password=args.password, clients=args.clients,
         duration=args.duration, max_ops=args.max_ops, populate=args.populate,
-        max_messages=args.max_messages, seed=args.seed, mix=args.mix,
+        max_messages=args.max_messages, seed=args.seed, mix=args.mix, provision=args.provision,
     )
     result = run_load(config)
     if args.json:

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config dovecot-imapd sshfs openssh-server iproute2
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config dovecot-imapd sshfs openssh-server iproute2 strace
               python3-venv gcc python3-dev)
 VENV=.venv
 STAMP=$VENV/.setup-stamp
