@@ -256,6 +256,56 @@ def test_full_disk_gives_enospc_and_loses_nothing(dirs: Dirs, small_disk: Path) 
         mount.kill()
 
 
+def fill_to_the_last_page(path: Path) -> None:
+    with open(path, "wb", buffering=0) as handle:
+        for size in (1 << 20, 4096):
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+
+
+def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(dirs: Dirs, small_disk: Path
+                                                           ) -> None:
+    """On ext4, a full disk refuses what needs new blocks but still allows truncating,
+    overwriting in place and unlinking: Dovecot relies on that to undo a failed log append.
+    Without it the log keeps a half-written record and Dovecot reports it corrupted."""
+    state = small_disk / "state"
+    mount = MailfsMount(dirs.backing, dirs.mnt, state, ("-o", "commit_interval=60"))
+    mount.start()
+    try:
+        log_file = mount.mountpoint / "dovecot.index.log"
+        spare = mount.mountpoint / "dovecot.index.log.2"
+        body = os.urandom(64 * 1024)
+        log_file.write_bytes(body)
+        spare.write_bytes(b"an older log")
+        fd = os.open(log_file, os.O_RDWR)
+        os.fsync(fd)
+        fill_to_the_last_page(small_disk / "filler")
+        with pytest.raises(OSError) as grown:
+            os.pwrite(fd, os.urandom(64 * 1024), len(body))
+        assert grown.value.errno == errno.ENOSPC
+        patch = os.urandom(8192)
+        for round_ in range(8):  # more than the journal's last page could hold
+            os.pwrite(fd, patch, 8192 * round_)
+            os.ftruncate(fd, len(body) - 100 * (round_ + 1))
+        expected = (patch * 8)[: len(body) - 800]
+        assert os.pread(fd, len(body), 0) == expected
+        os.close(fd)
+        spare.unlink()
+        assert status(mount)["journal_reserve_records"] > 0
+        (small_disk / "filler").unlink()
+        mount.stop()
+        mount.start()
+        assert log_file.read_bytes() == expected
+        assert not spare.exists()
+        assert status(mount)["journal_reserve_bytes"] >= 8 << 20  # whole again
+    finally:
+        mount.stop()
+        mount.kill()
+
+
 def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs: Dirs) -> None:
     """A zero-filled tail (machine crash) in a journal with nothing to replay must not stop
     the replay of every later journal."""

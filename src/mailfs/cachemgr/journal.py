@@ -6,6 +6,12 @@ it even if the daemon is killed, and a machine crash loses only what nobody fsyn
 which is allowed. Each commit rotates to a new journal file and deletes the old ones
 once LMDB holds their changes, so replay after a crash skips records whose seq LMDB
 already has.
+
+A full state disk must not leave Dovecot unable to undo: after a failed append it truncates
+its transaction log back, or overwrites a few bytes in place, and ext4 allows both on a
+full disk because they need no new blocks. Here every change needs journal space, so the
+journal keeps a preallocated reserve file and gives it up, a piece at a time, to records
+of such space-neutral changes only. It is made whole again once there is room.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ log = logging.getLogger(__name__)
 
 PREFIX = "journal-"
 SUFFIX = ".log"
+RESERVE_NAME = "journal-reserve"
+RESERVE_BYTES = 8 << 20
+# Given up in pieces, so that one undo does not spend the reserve of many.
+RESERVE_PIECE = 256 << 10
 
 
 class Journal:
@@ -33,6 +43,9 @@ class Journal:
         self.fd = -1
         self.offset = 0
         self.bytes_since_rotate = 0
+        self.reserve_path = directory / RESERVE_NAME
+        self.reserve_whole = False
+        self.reserve_records = 0  # records ever written into space the reserve gave up
 
     def generations(self) -> list[int]:
         found = []
@@ -92,13 +105,62 @@ class Journal:
         if old >= 0:
             os.close(old)
 
-    def append(self, op: Op, fields: tuple[Field, ...]) -> tuple[Record, bytes]:
-        """Write one record; returns it and its encoding (which replication sends as is)."""
+    def append(self, op: Op, fields: tuple[Field, ...], space_neutral: bool = False
+               ) -> tuple[Record, bytes]:
+        """Write one record; returns it and its encoding (which replication sends as is).
+
+        `space_neutral`: the change needs no new space on a real disk (an overwrite within
+        the file's blocks, a truncate, an unlink), so on a full disk it may use the reserve.
+        """
         record = Record(self.seq + 1, op, fields)
         data = encode(record)
-        self._write(data)
+        try:
+            self._write(data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or not space_neutral or not self._give_up_reserve():
+                raise
+            self._write(data)
+            self.reserve_records += 1
         self.seq = record.seq
         return record, data
+
+    def ensure_reserve(self) -> None:
+        """Make the reserve whole again; quietly leaves it short while the disk is full."""
+        try:
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("cannot open the journal reserve %s: %s", self.reserve_path, exc)
+            return
+        try:
+            if os.fstat(fd).st_size < RESERVE_BYTES:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            self.reserve_whole = True
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                log.warning("cannot allocate the journal reserve: %s", exc)
+        finally:
+            os.close(fd)
+
+    def reserve_bytes(self) -> int:
+        try:
+            return self.reserve_path.stat().st_blocks * 512
+        except OSError:
+            return 0
+
+    def _give_up_reserve(self) -> bool:
+        """Free one piece of the reserve for the journal; False once it is all gone."""
+        try:
+            size = self.reserve_path.stat().st_size
+            if size == 0:
+                return False
+            self.reserve_whole = False
+            os.truncate(self.reserve_path, max(0, size - RESERVE_PIECE))
+        except OSError as exc:
+            log.error("cannot give up journal reserve space: %s", exc)
+            return False
+        log.warning("state disk full: journaling an undo-type change in the reserve "
+                    "(%d KiB of it left)", max(0, size - RESERVE_PIECE) >> 10)
+        return True
 
     def append_remote(self, fields: tuple[Field, ...]) -> None:
         """Write a peer's change: it keeps its place in the history, but takes no seq."""

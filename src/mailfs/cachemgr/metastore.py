@@ -76,6 +76,8 @@ APPLIED_PREFIX = b"applied:"
 # Index files are megabytes; a write or truncate beyond this is refused (EFBIG locally, a
 # refused connection for a peer), so nobody can make the daemon allocate without bound.
 MAX_FILE_SIZE = 1 << 30
+# A file's blocks on a real disk: a write or truncate within them needs no new space.
+DISK_BLOCK = 4096
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 # Larger than any journal tail a machine crash can take with it.
 SEQ_JUMP_AFTER_CRASH = 1 << 24
@@ -85,6 +87,10 @@ VERSIONED_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK})
 CREATING_OPS = frozenset({Op.CREATE, Op.PUT})
 
 Overlay = dict[tuple[bytes, bytes], bytes | None]
+
+
+def _blocks_end(size: int) -> int:
+    return -(-size // DISK_BLOCK) * DISK_BLOCK
 
 
 def name_key(dirpath: bytes, name: bytes) -> bytes:
@@ -318,6 +324,7 @@ class MetaStore:
         # LMDB now holds everything replay could trust. Older journal files go, including
         # one that replay stopped in: left there, it would stop every later replay early.
         self.journal.remove_through(self.journal.generation - 1)
+        self.journal.ensure_reserve()
         if replayed:
             log.info("recovered %d journal records after an unclean stop", replayed)
         return replayed
@@ -523,14 +530,14 @@ class MetaStore:
 
     # ---------------------------------------------------------------- public mutators
 
-    def _log(self, op: Op, *fields: Field) -> None:
+    def _log(self, op: Op, *fields: Field, space_neutral: bool = False) -> None:
         if self.installing:
             raise OSError(errno.EAGAIN, "a snapshot from a peer is being installed")
-        self._append(op, *fields)
+        self._append(op, *fields, space_neutral=space_neutral)
 
-    def _append(self, op: Op, *fields: Field) -> None:
+    def _append(self, op: Op, *fields: Field, space_neutral: bool = False) -> None:
         try:
-            record, data = self.journal.append(op, fields)
+            record, data = self.journal.append(op, fields, space_neutral)
         except OSError as exc:
             self.stats.journal_errors += 1
             if time.monotonic() - self._journal_error_logged > 10:
@@ -714,26 +721,30 @@ class MetaStore:
     def write(self, stored: StoredFile, offset: int, data: bytes) -> None:
         if offset + len(data) > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, "index files are limited to 1 GiB")
-        self._log(Op.WRITE, stored.fid, offset, time.time_ns(), data)
+        self._log(Op.WRITE, stored.fid, offset, time.time_ns(), data,
+                  space_neutral=offset + len(data) <= _blocks_end(stored.attrs.size))
 
     def truncate(self, stored: StoredFile, size: int) -> None:
         if size > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, "index files are limited to 1 GiB")
-        self._log(Op.TRUNCATE, stored.fid, size, time.time_ns())
+        self._log(Op.TRUNCATE, stored.fid, size, time.time_ns(),
+                  space_neutral=size <= _blocks_end(stored.attrs.size))
 
     def set_attrs(self, stored: StoredFile, attrs: Attrs) -> None:
-        self._log(Op.SETATTR, stored.fid, attrs)
+        self._log(Op.SETATTR, stored.fid, attrs, space_neutral=True)
 
     def link(self, fid: int, dirpath: bytes, name: bytes) -> None:
         self._check_key(dirpath, name)
         self._log(Op.LINK, fid, dirpath, name, time.time_ns())
 
     def unlink(self, dirpath: bytes, name: bytes) -> None:
-        self._log(Op.UNLINK, dirpath, name, time.time_ns())
+        self._log(Op.UNLINK, dirpath, name, time.time_ns(), space_neutral=True)
 
     def rename(self, src_dir: bytes, src_name: bytes, dst_dir: bytes, dst_name: bytes) -> None:
         self._check_key(dst_dir, dst_name)
-        self._log(Op.RENAME, src_dir, src_name, dst_dir, dst_name, time.time_ns())
+        # Dovecot renames dovecot.index.tmp over dovecot.index; on a real disk that frees.
+        self._log(Op.RENAME, src_dir, src_name, dst_dir, dst_name, time.time_ns(),
+                  space_neutral=True)
 
     def rename_dir(self, old: bytes, new: bytes) -> None:
         """Move the names under a renamed directory, and its import state, to the new path.
@@ -767,7 +778,7 @@ class MetaStore:
 
     def drop(self, fid: int) -> None:
         """Forget a file with no names left once nobody has it open."""
-        self._log(Op.DROP, fid)
+        self._log(Op.DROP, fid, space_neutral=True)
 
     # ---------------------------------------------------------------- apply
 
@@ -1104,6 +1115,8 @@ class MetaStore:
             if stored is not None:
                 stored.committed_size = image.size
         self.journal.remove_through(batch.generation)
+        if not self.journal.reserve_whole:
+            self.journal.ensure_reserve()
         self.stats.commits += 1
         self.committed.set()
         self.committed = trio.Event()
