@@ -171,6 +171,7 @@ class Daemon:
             "commit_seconds": round(store.commit_seconds, 3),
             "commit_errors": store.commit_errors,
             "journal_errors": store.journal_errors,
+            "journal_fsyncs": store.journal_fsyncs,
             "journal_reserve_bytes": self.store.journal.reserve_bytes(),
             "journal_reserve_records": self.store.journal.reserve_records,
             "last_commit_error": store.last_commit_error,

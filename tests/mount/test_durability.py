@@ -269,8 +269,9 @@ def fill_to_the_last_page(path: Path) -> None:
 def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(dirs: Dirs, small_disk: Path
                                                            ) -> None:
     """On ext4, a full disk refuses what needs new blocks but still allows truncating,
-    overwriting in place and unlinking: Dovecot relies on that to undo a failed log append.
-    Without it the log keeps a half-written record and Dovecot reports it corrupted."""
+    overwriting in place, unlinking and fsync: Dovecot relies on that to undo a failed log
+    append. Without it the log keeps a half-written record and Dovecot reports it corrupted,
+    and a failed fsync makes Dovecot leave a saved mail file its index does not know."""
     state = small_disk / "state"
     mount = MailfsMount(dirs.backing, dirs.mnt, state, ("-o", "commit_interval=60"))
     mount.start()
@@ -292,11 +293,18 @@ def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(dirs: Dirs, small_dis
             os.ftruncate(fd, len(body) - 100 * (round_ + 1))
         expected = (patch * 8)[: len(body) - 800]
         assert os.pread(fd, len(body), 0) == expected
+        # The space the reserve gave up is taken too: LMDB has no room for a commit, and
+        # the fsync'd journal makes the changes durable instead.
+        fill_to_the_last_page(small_disk / "filler2")
+        os.fsync(fd)
         os.close(fd)
         spare.unlink()
-        assert status(mount)["journal_reserve_records"] > 0
+        counts = status(mount)
+        assert counts["journal_reserve_records"] > 0
+        assert counts["journal_fsyncs"] > 0
+        mount.kill()  # the changes are in the journal only: replay must bring them back
         (small_disk / "filler").unlink()
-        mount.stop()
+        (small_disk / "filler2").unlink()
         mount.start()
         assert log_file.read_bytes() == expected
         assert not spare.exists()

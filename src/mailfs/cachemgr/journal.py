@@ -124,6 +124,24 @@ class Journal:
         self.seq = record.seq
         return record, data
 
+    def sync_files(self) -> None:
+        """fsync every journal file and the directory that names them: replay then finds
+        every record written so far after a crash of the machine, too."""
+        for generation in self.generations():
+            if generation == self.generation and self.fd >= 0:
+                os.fdatasync(self.fd)
+                continue
+            fd = os.open(self.path(generation), os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def ensure_reserve(self) -> None:
         """Make the reserve whole again; quietly leaves it short while the disk is full."""
         try:

@@ -168,6 +168,7 @@ class StoreStats:
     ram_misses: int = 0
     evictions: int = 0
     journal_errors: int = 0
+    journal_fsyncs: int = 0  # fsyncs made durable by the journal while LMDB had no room
     remote_applied: int = 0
     conflicts: int = 0
     last_conflict: str = ""
@@ -973,12 +974,21 @@ class MetaStore:
             self.evict()
 
     async def sync(self) -> None:
-        """Return once everything written so far is committed to LMDB (fsync semantics)."""
+        """Return once everything written so far is durable (fsync semantics): committed
+        to LMDB, or, while a full disk leaves LMDB no room, in fsync'd journal files,
+        which replay after a crash. An fsync that fails makes Dovecot give up a save whose
+        mail file it already wrote, and the next save trips over that file."""
         target = self.journal.seq
         async with self._commit_lock:
             if self.committed_seq >= target:
                 return
-            await self._commit_locked()
+            try:
+                await self._commit_locked()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                await trio.to_thread.run_sync(self.journal.sync_files)
+                self.stats.journal_fsyncs += 1
 
     async def commit(self) -> None:
         async with self._commit_lock:
