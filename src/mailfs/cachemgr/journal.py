@@ -169,8 +169,14 @@ class Journal:
         """Free one piece of the reserve for the journal; False once it is all gone."""
         try:
             size = self.reserve_path.stat().st_size
-            if size == 0:
-                return False
+        except FileNotFoundError:
+            return False  # the disk was already full when the reserve was to be made
+        except OSError as exc:
+            log.error("cannot give up journal reserve space: %s", exc)
+            return False
+        if size == 0:
+            return False
+        try:
             self.reserve_whole = False
             os.truncate(self.reserve_path, max(0, size - RESERVE_PIECE))
         except OSError as exc:
