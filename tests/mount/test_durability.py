@@ -123,7 +123,8 @@ def test_fsynced_data_survives_losing_the_journal(make_mount: MakeMount, dirs: D
     os.write(fd, b" and not")
     os.close(fd)
     mount.kill()
-    journals = [p for p in dirs.state.iterdir() if p.name.startswith("journal-")]
+    journals = [p for p in dirs.state.iterdir()
+                if p.name.startswith("journal-") and p.name.endswith(".log")]
     assert journals
     for journal in journals:
         journal.unlink()
@@ -132,7 +133,8 @@ def test_fsynced_data_survives_losing_the_journal(make_mount: MakeMount, dirs: D
 
 
 def append_to_newest_journal(dirs: Dirs, data: bytes) -> None:
-    journal = max(p for p in dirs.state.iterdir() if p.name.startswith("journal-"))
+    journal = max(p for p in dirs.state.iterdir()
+                  if p.name.startswith("journal-") and p.name.endswith(".log"))
     with open(journal, "ab") as handle:
         handle.write(data)
 
@@ -273,7 +275,8 @@ def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(dirs: Dirs, small_dis
     append. Without it the log keeps a half-written record and Dovecot reports it corrupted,
     and a failed fsync makes Dovecot leave a saved mail file its index does not know."""
     state = small_disk / "state"
-    mount = MailfsMount(dirs.backing, dirs.mnt, state, ("-o", "commit_interval=60"))
+    mount = MailfsMount(dirs.backing, dirs.mnt, state, NO_AUTO_COMMIT,
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
     mount.start()
     try:
         log_file = mount.mountpoint / "dovecot.index.log"

@@ -45,6 +45,7 @@ class Journal:
         self.bytes_since_rotate = 0
         self.reserve_path = directory / RESERVE_NAME
         self.reserve_whole = False
+        self.reserve_unsupported = False  # this filesystem cannot preallocate: no reserve
         self.reserve_records = 0  # records ever written into space the reserve gave up
 
     def generations(self) -> list[int]:
@@ -117,7 +118,8 @@ class Journal:
         try:
             self._write(data)
         except OSError as exc:
-            if exc.errno != errno.ENOSPC or not space_neutral or not self._give_up_reserve():
+            if (exc.errno != errno.ENOSPC or not space_neutral
+                    or not self._give_up_reserve(len(data))):
                 raise
             self._write(data)
             self.reserve_records += 1
@@ -144,18 +146,25 @@ class Journal:
 
     def ensure_reserve(self) -> None:
         """Make the reserve whole again; quietly leaves it short while the disk is full."""
+        if self.reserve_unsupported:
+            return
         try:
             fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
         except OSError as exc:
             log.warning("cannot open the journal reserve %s: %s", self.reserve_path, exc)
             return
         try:
-            if os.fstat(fd).st_size < RESERVE_BYTES:
+            st = os.fstat(fd)
+            # Blocks, not size: a sparse file (copied, or a filesystem that emulates
+            # preallocation) holds no space for anybody.
+            if st.st_size < RESERVE_BYTES or st.st_blocks * 512 < RESERVE_BYTES:
                 os.posix_fallocate(fd, 0, RESERVE_BYTES)
             self.reserve_whole = True
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
-                log.warning("cannot allocate the journal reserve: %s", exc)
+                self.reserve_unsupported = True
+                log.warning("cannot preallocate the journal reserve (%s): on a full state "
+                            "disk, undoing changes will fail like any other write", exc)
         finally:
             os.close(fd)
 
@@ -165,8 +174,10 @@ class Journal:
         except OSError:
             return 0
 
-    def _give_up_reserve(self) -> bool:
-        """Free one piece of the reserve for the journal; False once it is all gone."""
+    def _give_up_reserve(self, needed: int) -> bool:
+        """Free a piece of the reserve big enough for a record of `needed` bytes; False
+        once it is all gone."""
+        piece = max(RESERVE_PIECE, -(-needed // RESERVE_PIECE) * RESERVE_PIECE)
         try:
             size = self.reserve_path.stat().st_size
         except FileNotFoundError:
@@ -178,12 +189,12 @@ class Journal:
             return False
         try:
             self.reserve_whole = False
-            os.truncate(self.reserve_path, max(0, size - RESERVE_PIECE))
+            os.truncate(self.reserve_path, max(0, size - piece))
         except OSError as exc:
             log.error("cannot give up journal reserve space: %s", exc)
             return False
         log.warning("state disk full: journaling an undo-type change in the reserve "
-                    "(%d KiB of it left)", max(0, size - RESERVE_PIECE) >> 10)
+                    "(%d KiB of it left)", max(0, size - piece) >> 10)
         return True
 
     def append_remote(self, fields: tuple[Field, ...]) -> None:
@@ -210,7 +221,12 @@ class Journal:
             log.error("cannot cut back the journal after a failed write: %s", exc)
 
     def rotate(self) -> int:
-        """Start a new file; returns the generation that the coming commit covers."""
+        """Start a new file; returns the generation that the coming commit covers.
+
+        An empty file is kept: while a full disk makes every commit fail, a new file per
+        attempt would strand the free end of each last page and pile up empty files."""
+        if self.offset == 0:
+            return self.generation - 1
         closed = self.generation
         self._open(closed + 1)
         return closed

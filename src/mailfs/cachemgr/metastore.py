@@ -76,6 +76,8 @@ APPLIED_PREFIX = b"applied:"
 # Index files are megabytes; a write or truncate beyond this is refused (EFBIG locally, a
 # refused connection for a peer), so nobody can make the daemon allocate without bound.
 MAX_FILE_SIZE = 1 << 30
+# Below this much free space (beyond the batch's data) an LMDB commit is not tried.
+COMMIT_HEADROOM = 1 << 20
 # A file's blocks on a real disk: a write or truncate within them needs no new space.
 DISK_BLOCK = 4096
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -1011,6 +1013,11 @@ class MetaStore:
         if batch is None:
             return
         started = time.monotonic()
+        if self._disk_nearly_full(batch, COMMIT_HEADROOM):
+            # An attempt would grow LMDB's file into whatever the journal reserve just
+            # gave up, and fail anyway: leave that space to the journal.
+            self._batch_failed(batch)
+            raise OSError(errno.ENOSPC, "no room on the state disk for an LMDB commit")
         try:
             # A prepared batch must end written or put back: cancelled half way, its changes
             # would be in neither LMDB nor (after the next commit) the journal.
@@ -1089,13 +1096,13 @@ class MetaStore:
         txn.put(b"replog_bytes", U64.pack(size), db=self.db_meta)
         return size, first
 
-    def _disk_nearly_full(self, batch: Batch) -> bool:
+    def _disk_nearly_full(self, batch: Batch, headroom: int = 4 << 20) -> bool:
         try:
             vfs = os.statvfs(self.state_dir)
         except OSError:
             return False
         needed = sum(len(c) for image in batch.files for c in image.chunks.values())
-        return vfs.f_bavail * vfs.f_frsize < needed + (4 << 20)
+        return vfs.f_bavail * vfs.f_frsize < needed + headroom
 
     def _delete_file(self, txn: lmdb.Transaction, fid: int) -> None:
         key = FID.pack(fid)
