@@ -106,6 +106,10 @@ class Config:
     auto_inval_data: bool = False
     backing_threads: int = 16
     backing_timeout: float = 60.0
+    # Whether the backing store keeps a file's inode number for the file's life (NFS,
+    # GlusterFS, MooseFS, CephFS, AFS do; sshfs and other FUSE stores renumber files they
+    # forgot). "auto": unstable on FUSE backing stores, stable otherwise.
+    backing_inodes: str = "auto"
     import_on_access: bool = True
     allow_other: bool = True
     log_level: str = "INFO"
@@ -153,7 +157,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
               "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
     "commit": {"interval": "seconds", "max_pending": "size"},
-    "backing": {"threads": "count", "timeout": "seconds"},
+    "backing": {"threads": "count", "timeout": "seconds", "inodes": "choice"},
     "classify": {"replicated": "patterns", "volatile": "patterns"},
     "log": {"level": "level", "metrics_port": "port"},
     "replication": {"node_id": "name", "cluster": "name", "listen": "address",
@@ -168,12 +172,14 @@ RENAMES = {
     ("commit", "max_pending"): "commit_bytes",
     ("backing", "threads"): "backing_threads",
     ("backing", "timeout"): "backing_timeout",
+    ("backing", "inodes"): "backing_inodes",
     ("log", "level"): "log_level",
 }
 
 LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 # Allowed values of "choice" keys, by field name.
-CHOICES = {"durability": ("async", "sync"), "mode": ("full", "index-only")}
+CHOICES = {"durability": ("async", "sync"), "mode": ("full", "index-only"),
+           "backing_inodes": ("auto", "stable", "unstable")}
 
 
 def convert(kind: str, key: str, value: object, name: str = "") -> object:

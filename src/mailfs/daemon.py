@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from mailfs import __version__, mounts
-from mailfs.cachemgr.backing import Backing
+from mailfs.cachemgr.backing import Backing, filesystem_type, stable_inodes
 from mailfs.cachemgr.metastore import MetaStore
 from mailfs.config import Config
 from mailfs.control import ControlServer
@@ -95,6 +95,7 @@ class Daemon:
             dirs_stored=config.mode == "index-only",
         )
         self.index_only = config.mode == "index-only"
+        self.backing_fs_type = ""
         timeouts = Timeouts(config.index_timeout, config.passthrough_timeout)
         if self.index_only:
             # Never served: no worker threads and no probe; no request reaches it.
@@ -113,6 +114,14 @@ class Daemon:
                 timeouts, import_on_access=config.import_on_access,
                 install_wait=config.install_wait,
             )
+            self.backing_fs_type = filesystem_type(config.backing)
+            self.fs.table.stable_inodes = stable_inodes(config.backing_inodes,
+                                                         self.backing_fs_type)
+            if not self.fs.table.stable_inodes:
+                log.warning("the backing store (%s) may renumber files: mailfs knows passthrough "
+                            "files by name there, so a file that another writer replaces under "
+                            "the same name is taken for the old one",
+                            self.backing_fs_type or "unknown type")
         self.replication: Replication | None = None
         if config.replication_enabled:
             self.replication = Replication(config, self.store, self.fs)
@@ -144,6 +153,8 @@ class Daemon:
         backing = self.backing.stats
         return {
             "backing": str(self.config.backing),
+            "backing_fs_type": self.backing_fs_type,
+            "backing_inodes": "stable" if self.fs.table.stable_inodes else "unstable",
             "backing_calls": backing.calls,
             "backing_calls_by_op": dict(backing.by_call.most_common()),
             "backing_errors": backing.errors,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.rigs.dovecot import MAIL_FORMATS, Dovecot
-from tests.rigs.mailstore import BACKENDS, MailStore
+from tests.rigs.mailstore import BACKENDS, SSHFS_BACKENDS, MailStore
 from tests.rigs.mount import is_mounted
 from tests.rigs.sshfs import sshfs_unusable
 
@@ -42,7 +42,7 @@ def mail_format(request: pytest.FixtureRequest) -> str:
 def store(backend: str, workdir: Path) -> Iterator[MailStore]:
     # e.g. MAILFS_TEST_MOUNT_ARGS="--debug -o index_timeout=0" to rerun the suite another way
     extra_args = shlex.split(os.environ.get("MAILFS_TEST_MOUNT_ARGS", ""))
-    if backend == "index-only-sshfs" and (reason := sshfs_unusable()) is not None:
+    if backend in SSHFS_BACKENDS and (reason := sshfs_unusable()) is not None:
         pytest.skip(reason)
     mail_store = MailStore(backend, workdir, extra_args)
     try:

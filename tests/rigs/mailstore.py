@@ -1,6 +1,6 @@
 """Where Dovecot keeps mail and indexes in a test: a plain local directory, a mailfs full
-overlay over one, or the index-only layout (mail on a plain directory or on sshfs, INDEX= and
-CONTROL= on an index-only mailfs mount).
+overlay over one or over sshfs with added latency, or the index-only layout (mail on a plain
+directory or on sshfs, INDEX= and CONTROL= on an index-only mailfs mount).
 
 The local backend is the control: a test that fails on it is wrong, not mailfs.
 """
@@ -19,7 +19,11 @@ from tests.rigs.sshfs import SshfsMount, sshfs_backing
 # local: everything on a plain directory. mailfs: the whole mail_location on a full overlay.
 # index-only: mail on a plain directory, INDEX/CONTROL on an index-only mount.
 # index-only-sshfs: the same with the mail on sshfs from a network namespace.
-BACKENDS = ("local", "mailfs", "index-only", "index-only-sshfs")
+# mailfs-sshfs: the full overlay over that sshfs, with a round trip of about 1 ms added, as
+# over NFS in a LAN (issue 9).
+BACKENDS = ("local", "mailfs", "index-only", "index-only-sshfs", "mailfs-sshfs")
+SSHFS_BACKENDS = ("index-only-sshfs", "mailfs-sshfs")
+FULL_OVERLAY_LATENCY_MS = 1.0
 
 
 class MailStore:
@@ -35,7 +39,7 @@ class MailStore:
         self.sshfs: SshfsMount | None = None
         self._network = contextlib.ExitStack()
         if backend != "local":
-            backing = self.backing if backend == "mailfs" else None
+            backing = self.backing if self.full_overlay else None
             self.mount = MailfsMount(
                 backing, self.mountpoint, self.state_dir, extra_args,
                 log_path=workdir / "mailfs.log",
@@ -46,11 +50,17 @@ class MailStore:
         return self.backend.startswith("index-only")
 
     @property
+    def full_overlay(self) -> bool:
+        return self.backend in ("mailfs", "mailfs-sshfs")
+
+    @property
     def root(self) -> Path:
         """Dovecot's mail root."""
+        if self.full_overlay:
+            return self.mountpoint
         if self.sshfs is not None:
             return self.sshfs.mountpoint
-        return self.mountpoint if self.backend == "mailfs" else self.backing
+        return self.backing
 
     @property
     def index_root(self) -> Path | None:
@@ -58,10 +68,15 @@ class MailStore:
         return self.mountpoint if self.index_only else None
 
     def start(self) -> MailStore:
-        if self.backend == "index-only-sshfs" and self.sshfs is None:
+        if self.backend in SSHFS_BACKENDS and self.sshfs is None:
+            latency = FULL_OVERLAY_LATENCY_MS if self.full_overlay else 0.0
             self.sshfs = self._network.enter_context(sshfs_backing(
-                self.workdir / "network", user=MAIL_USER))
-        prepare_mail_root(self.backing if self.backend == "mailfs" else self.root)
+                self.workdir / "network", latency_ms=latency, user=MAIL_USER))
+            if self.full_overlay:
+                self.backing = self.sshfs.mountpoint / "backing"
+                assert self.mount is not None
+                self.mount.backing = self.backing
+        prepare_mail_root(self.backing if self.full_overlay else self.root)
         if self.mount is None:
             return self
         if self.index_only:

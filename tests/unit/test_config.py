@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mailfs.cachemgr.backing import filesystem_type, stable_inodes
 from mailfs.config import (
     Config,
     Peer,
@@ -310,3 +311,26 @@ def test_mode_from_the_file_and_from_overrides(tmp_path: Path) -> None:
 def test_an_index_only_mount_with_a_backing_path_is_refused() -> None:
     with pytest.raises(UserError, match="no backing path"):
         build(None, {"mode": "index-only", "backing": Path("/b"), "mountpoint": Path("/m")})
+
+
+def test_backing_inodes_setting(tmp_path: Path) -> None:
+    assert build(EXAMPLE, {}).backing_inodes == "auto"
+    values: dict[str, object] = {}
+    apply_overrides(values, {"backing_inodes": "unstable"})
+    assert values["backing_inodes"] == "unstable"
+    with pytest.raises(UserError, match="inodes"):
+        apply_overrides({}, {"backing_inodes": "sometimes"})
+
+
+@pytest.mark.parametrize(("setting", "fs_type", "stable"), [
+    ("auto", "nfs4", True), ("auto", "ext4", True), ("auto", "fuse.sshfs", False),
+    ("auto", "fuseblk", False), ("stable", "fuse.sshfs", True), ("unstable", "nfs4", False),
+])
+def test_which_backing_stores_keep_inode_numbers(setting: str, fs_type: str,
+                                                 stable: bool) -> None:
+    assert stable_inodes(setting, fs_type) is stable
+
+
+def test_filesystem_type_comes_from_the_mount_table() -> None:
+    assert filesystem_type("/proc/self") == "proc"
+    assert filesystem_type("/") != ""

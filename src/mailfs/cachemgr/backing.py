@@ -46,6 +46,34 @@ SLOW_CALL = SYNC_WAIT / 2
 STALL_AFTER = 2.0
 
 
+def filesystem_type(path: Path | str) -> str:
+    """The type of the filesystem `path` is on ("nfs4", "fuse.sshfs", ...), from the
+    mount table: the longest mount point that contains it. "" if none is found."""
+    real = os.path.realpath(path)
+    best, found = -1, ""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = real == point or real.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > best:
+                    best, found = len(point), fields[2]
+    except OSError:
+        return ""
+    return found
+
+
+def stable_inodes(setting: str, fs_type: str) -> bool:
+    """Whether the backing store keeps inode numbers for a file's life. FUSE stores such
+    as sshfs number files as they meet them and renumber those they forgot."""
+    if setting != "auto":
+        return setting == "stable"
+    return not fs_type.startswith("fuse")
+
+
 @dataclass
 class BackingStats:
     calls: int = 0

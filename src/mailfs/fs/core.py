@@ -362,7 +362,8 @@ class MailFS:
                         _close_opened, opener, self.backing.path(relative), *args)
                 except FileNotFoundError:
                     continue
-                if backing_identity(st) == node.backing_ino:
+                if backing_identity(st) == node.backing_ino or not self.table.stable_inodes:
+                    node.backing_ino = backing_identity(st)
                     return fd, st
                 if isinstance(fd, int) and fd >= 0:
                     await self.backing.run(os.close, fd)
@@ -1194,7 +1195,8 @@ class MailFS:
         inode = self.table.entries.get((parent.inode, name))
         if inode is not None:
             current = self.table.nodes.get(inode)
-            if current is None or current.backing_ino != node.backing_ino:
+            if current is None or (self.table.stable_inodes
+                                   and current.backing_ino != node.backing_ino):
                 return None  # renamed over, or another file took the name
             return current
         if node.inode in self.table.nodes:

@@ -88,6 +88,9 @@ class InodeTable:
         # that a file keeps its number for the life of the mount (within this bound).
         self.numbers: OrderedDict[int, int] = OrderedDict()
         self._next = 2
+        # False when the backing store renumbers files (sshfs): a name then keeps its node
+        # whatever number the store reports now, and no open refuses a name for it.
+        self.stable_inodes = True
 
     def allocate(self) -> int:
         inode = self._next
@@ -150,7 +153,9 @@ class InodeTable:
         inode = self.entries.get(key)
         if inode is not None:
             node = self.nodes[inode]
-            if node.backing_ino == backing_ino and node.kind is kind:
+            if node.kind is kind and (node.backing_ino == backing_ino
+                                      or not self.stable_inodes):
+                node.backing_ino = backing_ino
                 return node
             self.unplace(parent.inode, name)
         node = Node(self._number_for(backing_ino), kind, parent=parent.inode, name=name,
