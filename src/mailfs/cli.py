@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "flush":
             cmd.add_argument("--timeout", type=float, default=60.0,
                              help="seconds to wait for connected peers to acknowledge")
+            cmd.add_argument("--caches", action="store_true",
+                             help="also make the kernel ask the backing store again about "
+                                  "every mail file and directory (after changes made on the "
+                                  "backing store directly)")
     return top
 
 
@@ -258,8 +262,12 @@ def human_size(value: int) -> str:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     result = control.call(socket_path(args), "flush", timeout=args.timeout + 60,
-                          peer_timeout=args.timeout)
+                          peer_timeout=args.timeout, caches=args.caches)
     print(f"flushed: committed through change {result['committed_seq']}")
+    dropped = result.get("caches")
+    if dropped is not None:
+        print(f"caches dropped: {dropped['inodes']} files and directories, "
+              f"{dropped['entries']} names, {dropped['missing_names']} missing names")
     behind = result.get("peers_behind")
     if behind:
         print(f"peers still behind (unreachable, or slower than {args.timeout:.0f}s): "

@@ -201,6 +201,10 @@ class Daemon:
     async def _flush(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.store.sync()
         result: dict[str, Any] = {"committed_seq": self.store.committed_seq}
+        if request.get("caches"):
+            result["caches"] = self.fs.drop_caches()
+            await self.fs.invalidator.drain()
+            log.info("caches dropped on request: %s", result["caches"])
         if self.replication is not None:
             timeout = float(request.get("peer_timeout", FLUSH_PEER_TIMEOUT))
             behind = await self.replication.replicator.wait_all_acked(timeout)

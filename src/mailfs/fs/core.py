@@ -21,7 +21,7 @@ import os
 import stat
 import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +55,8 @@ IMPORT_LIMIT = 1 << 30
 OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
 DEVICE_NUMBER = struct.Struct("<Q")
 NAME_MAX = 255  # ext4's, and what peers accept in a record
+# Missing passthrough names remembered for `mailfs flush --caches` (about 100 bytes each).
+REMEMBERED_MISSING = 10_000
 
 
 def oserror(code: int, what: str = "") -> OSError:
@@ -111,6 +113,8 @@ class MailFS:
         self.getattr_by_kind: Counter[str] = Counter()
         self._next_fh = 1
         self.invalidator = KernelInvalidator()
+        self.missing: OrderedDict[tuple[int, bytes], None] = OrderedDict()
+        self.caches_dropped = 0
         # Sync replication: what fsync of an index file waits for after the local commit.
         self.wait_replicated: Callable[[int], Awaitable[None]] | None = None
         store.in_use = self.table.fid_inode.__contains__
@@ -291,6 +295,7 @@ class MailFS:
         try:
             st = await self._backing_stat(self.table.child_path(parent, name))
         except FileNotFoundError:
+            self._remember_missing(parent.inode, name)
             return self._negative(self.timeouts.passthrough)
         kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
         node = self.table.placed(parent, name, kind, backing_identity(st))
@@ -1221,8 +1226,43 @@ class MailFS:
 
     # ------------------------------------------------------------------ status
 
+    def _remember_missing(self, parent_inode: int, name: bytes) -> None:
+        """Names the kernel holds as missing (for the passthrough timeout), so that
+        `drop_caches` can make it ask again."""
+        self.missing[(parent_inode, name)] = None
+        self.missing.move_to_end((parent_inode, name))
+        if len(self.missing) > REMEMBERED_MISSING:
+            self.missing.popitem(last=False)
+
+    def drop_caches(self) -> dict[str, int]:
+        """Make the kernel and this daemon ask the backing store again about every
+        passthrough file and directory (`mailfs flush --caches`): for changes made on the
+        backing store behind mailfs, which are otherwise seen within the passthrough
+        timeout. Index files are not touched: they change only through mailfs."""
+        inodes = entries = 0
+        for node in self.table.nodes.values():
+            if node.kind not in (Kind.PASSTHROUGH, Kind.DIR) or node.fid:
+                continue
+            node.stat_cache = None
+            node.cached_version = (0, 0)  # the next open drops the kernel's pages too
+            if node.inode != ROOT:
+                self.invalidator.inode(node.inode)
+                inodes += 1
+        for (parent, name), inode in self.table.entries.items():
+            named = self.table.nodes.get(inode)
+            if named is not None and named.kind in (Kind.PASSTHROUGH, Kind.DIR) and not named.fid:
+                self.invalidator.entry(parent, name)
+                entries += 1
+        for parent, name in self.missing:
+            self.invalidator.entry(parent, name)
+        missing, self.missing = len(self.missing), OrderedDict()
+        self.caches_dropped += 1
+        return {"inodes": inodes, "entries": entries, "missing_names": missing}
+
     def counts(self) -> dict[str, object]:
         return {
+            "caches_dropped": self.caches_dropped,
+            "missing_names_remembered": len(self.missing),
             "inodes": len(self.table.nodes),
             "open_files": len(self.handles),
             "volatile_files": len(self.volatile),

@@ -28,6 +28,8 @@ class KernelInvalidator:
         self._inodes: set[int] = set()
         self._entries: set[tuple[int, bytes]] = set()
         self._wake = trio.Event()
+        self._sending = False
+        self._batch_sent = trio.Event()
         self.sent = 0
         self.errors = 0
 
@@ -47,7 +49,18 @@ class KernelInvalidator:
             self._wake = trio.Event()
             inodes, entries = self._inodes, self._entries
             self._inodes, self._entries = set(), set()
-            await trio.to_thread.run_sync(self._notify, inodes, entries)
+            self._sending = True
+            try:
+                await trio.to_thread.run_sync(self._notify, inodes, entries)
+            finally:
+                self._sending = False
+                done, self._batch_sent = self._batch_sent, trio.Event()
+                done.set()
+
+    async def drain(self) -> None:
+        """Return once everything asked for so far has reached the kernel."""
+        while self._inodes or self._entries or self._sending:
+            await self._batch_sent.wait()
 
     def _notify(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
         for parent, name in entries:
