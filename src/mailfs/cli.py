@@ -268,6 +268,9 @@ def cmd_flush(args: argparse.Namespace) -> int:
     if dropped is not None:
         print(f"caches dropped: {dropped['inodes']} files and directories, "
               f"{dropped['entries']} names, {dropped['missing_names']} missing names")
+        if dropped.get("pending"):
+            print(f"the kernel has not taken {dropped['pending']} of them yet (a stalled "
+                  f"backing store holds it up); they follow when it answers")
     behind = result.get("peers_behind")
     if behind:
         print(f"peers still behind (unreachable, or slower than {args.timeout:.0f}s): "

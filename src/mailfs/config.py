@@ -107,8 +107,8 @@ class Config:
     backing_threads: int = 16
     backing_timeout: float = 60.0
     # Whether the backing store keeps a file's inode number for the file's life (NFS,
-    # GlusterFS, MooseFS, CephFS, AFS do; sshfs and other FUSE stores renumber files they
-    # forgot). "auto": unstable on FUSE backing stores, stable otherwise.
+    # GlusterFS, MooseFS, CephFS, AFS do; sshfs renumbers files it forgot). "auto":
+    # unstable on the FUSE stores known to renumber (backing.RENUMBERING_TYPES).
     backing_inodes: str = "auto"
     import_on_access: bool = True
     allow_other: bool = True

@@ -38,6 +38,9 @@ from mailfs.replication.service import Replication
 log = logging.getLogger(__name__)
 
 FLUSH_PEER_TIMEOUT = 60.0
+# `flush --caches` waits this long for the kernel to take the invalidations (a stalled
+# backing store can hold some up; status and the reply say how many are still pending).
+DROP_CACHES_WAIT = 30.0
 
 
 @contextlib.contextmanager
@@ -193,6 +196,7 @@ class Daemon:
             "requests_total": sum(REQUESTS.values()),
             "error_replies": dict(ERROR_REPLIES.most_common()),
             "invalidations": self.fs.invalidator.sent,
+            "passthrough_invalidations": self.fs.passthrough_invalidator.sent,
             "fuse_session": session.status(),
             **({"replication": self.replication.replicator.status()}
                if self.replication is not None else {}),
@@ -202,8 +206,9 @@ class Daemon:
         await self.store.sync()
         result: dict[str, Any] = {"committed_seq": self.store.committed_seq}
         if request.get("caches"):
-            result["caches"] = self.fs.drop_caches()
-            await self.fs.invalidator.drain()
+            result["caches"] = await self.fs.drop_caches()
+            result["caches"]["pending"] = await self.fs.passthrough_invalidator.drain(
+                DROP_CACHES_WAIT)
             log.info("caches dropped on request: %s", result["caches"])
         if self.replication is not None:
             timeout = float(request.get("peer_timeout", FLUSH_PEER_TIMEOUT))
@@ -263,6 +268,7 @@ class Daemon:
                 await nursery.start(self.backing.serve)
             await nursery.start(self.store.run_committer)
             await nursery.start(self.fs.invalidator.run)
+            await nursery.start(self.fs.passthrough_invalidator.run)
             if self.replication is not None:
                 await nursery.start(self.replication.run)
             await nursery.start(control.serve)

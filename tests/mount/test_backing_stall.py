@@ -285,7 +285,10 @@ def test_files_stay_reachable_when_sshfs_renumbers_them(rig: Rig) -> None:
     pinned = os.open(message, os.O_PATH)
     try:
         before = os.stat(rig.sshfs.mountpoint / "Projects/Reports/dbox-Mails/u.1").st_ino
-        Path("/proc/sys/vm/drop_caches").write_text("2")
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("2")
+        except OSError as exc:
+            pytest.skip(f"cannot make the kernel forget sshfs's inodes here: {exc}")
         after = os.stat(rig.sshfs.mountpoint / "Projects/Reports/dbox-Mails/u.1").st_ino
         if after == before:
             pytest.skip("sshfs kept its inode number: nothing to check here")

@@ -324,7 +324,8 @@ def test_backing_inodes_setting(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("setting", "fs_type", "stable"), [
     ("auto", "nfs4", True), ("auto", "ext4", True), ("auto", "fuse.sshfs", False),
-    ("auto", "fuseblk", False), ("stable", "fuse.sshfs", True), ("unstable", "nfs4", False),
+    ("auto", "fuse.glusterfs", True), ("auto", "fuse.mfs", True), ("auto", "fuse.rclone", False),
+    ("stable", "fuse.sshfs", True), ("unstable", "nfs4", False),
 ])
 def test_which_backing_stores_keep_inode_numbers(setting: str, fs_type: str,
                                                  stable: bool) -> None:
@@ -334,3 +335,4 @@ def test_which_backing_stores_keep_inode_numbers(setting: str, fs_type: str,
 def test_filesystem_type_comes_from_the_mount_table() -> None:
     assert filesystem_type("/proc/self") == "proc"
     assert filesystem_type("/") != ""
+    assert filesystem_type("/no/such/path") == ""

@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -46,32 +47,46 @@ SLOW_CALL = SYNC_WAIT / 2
 STALL_AFTER = 2.0
 
 
+# FUSE stores that number files as they meet them and renumber those their kernel side
+# forgot. GlusterFS, MooseFS and ceph-fuse are FUSE too but keep the store's own numbers.
+RENUMBERING_TYPES = frozenset({"fuse.sshfs", "fuse.rclone", "fuse.s3fs", "fuse.curlftpfs"})
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> bytes:
+    return _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field)
+
+
 def filesystem_type(path: Path | str) -> str:
-    """The type of the filesystem `path` is on ("nfs4", "fuse.sshfs", ...), from the
-    mount table: the longest mount point that contains it. "" if none is found."""
-    real = os.path.realpath(path)
-    best, found = -1, ""
+    """The type of the filesystem `path` is on ("nfs4", "fuse.sshfs", ...): the mount in
+    /proc/self/mountinfo with the path's device whose mount point holds it most closely
+    (the last one of those, when mounts are stacked). "" if none is found."""
     try:
-        with open("/proc/self/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].replace("\\040", " ")
-                inside = real == point or real.startswith(point.rstrip("/") + "/")
-                if inside and len(point) > best:
-                    best, found = len(point), fields[2]
+        real = os.fsencode(os.path.realpath(path))
+        device = os.stat(real).st_dev
+        with open("/proc/self/mountinfo", "rb") as mountinfo:
+            lines = mountinfo.read().splitlines()
     except OSError:
         return ""
+    wanted = f"{os.major(device)}:{os.minor(device)}".encode()
+    best, found = -1, ""
+    for line in lines:
+        fields, _, rest = line.partition(b" - ")
+        parts, tail = fields.split(), rest.split()
+        if len(parts) < 5 or not tail or parts[2] != wanted:
+            continue
+        point = _unescape(parts[4])
+        inside = real == point or real.startswith(point.rstrip(b"/") + b"/")
+        if inside and len(point) >= best:
+            best, found = len(point), os.fsdecode(tail[0])
     return found
 
 
 def stable_inodes(setting: str, fs_type: str) -> bool:
-    """Whether the backing store keeps inode numbers for a file's life. FUSE stores such
-    as sshfs number files as they meet them and renumber those they forgot."""
+    """Whether the backing store keeps inode numbers for a file's life."""
     if setting != "auto":
         return setting == "stable"
-    return not fs_type.startswith("fuse")
+    return fs_type not in RENUMBERING_TYPES
 
 
 @dataclass

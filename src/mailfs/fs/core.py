@@ -57,6 +57,7 @@ DEVICE_NUMBER = struct.Struct("<Q")
 NAME_MAX = 255  # ext4's, and what peers accept in a record
 # Missing passthrough names remembered for `mailfs flush --caches` (about 100 bytes each).
 REMEMBERED_MISSING = 10_000
+DROP_CHUNK = 10_000  # nodes handled between two yields of `drop_caches`
 
 
 def oserror(code: int, what: str = "") -> OSError:
@@ -113,6 +114,9 @@ class MailFS:
         self.getattr_by_kind: Counter[str] = Counter()
         self._next_fh = 1
         self.invalidator = KernelInvalidator()
+        # Its own worker: invalidating a passthrough name can wait in the kernel for a
+        # request stuck on a stalled backing store; index-file invalidations must not.
+        self.passthrough_invalidator = KernelInvalidator()
         self.missing: OrderedDict[tuple[int, bytes], None] = OrderedDict()
         self.caches_dropped = 0
         # Sync replication: what fsync of an index file waits for after the local commit.
@@ -360,6 +364,15 @@ class MailFS:
         and when none works while a name change is in flight, we wait for it and retry.
         """
         while True:
+            if not self.table.stable_inodes:
+                # Nothing tells a file the store renumbered from one renamed over its name
+                # by this mount, so wait until our own name changes have reached the table.
+                in_flight = self.name_changes.get(node.inode)
+                if in_flight is None:
+                    in_flight = self.dir_rename  # (trio events refuse to be used as bools)
+                if in_flight is not None:
+                    await in_flight.wait()
+                    continue
             version = (node.names_version, self.dir_renames)
             for relative in self._backing_names(node):
                 try:
@@ -1200,9 +1213,13 @@ class MailFS:
         inode = self.table.entries.get((parent.inode, name))
         if inode is not None:
             current = self.table.nodes.get(inode)
-            if current is None or (self.table.stable_inodes
-                                   and current.backing_ino != node.backing_ino):
-                return None  # renamed over, or another file took the name
+            if current is None:
+                return None
+            if self.table.stable_inodes:
+                if current.backing_ino != node.backing_ino:
+                    return None  # renamed over, or another file took the name
+            elif current is not node and node.inode in self.table.nodes:
+                return None  # the listed file is still known, under another name: renamed
             return current
         if node.inode in self.table.nodes:
             # Still known (this node, or a later one for the same file: numbers are kept
@@ -1234,27 +1251,35 @@ class MailFS:
         if len(self.missing) > REMEMBERED_MISSING:
             self.missing.popitem(last=False)
 
-    def drop_caches(self) -> dict[str, int]:
+    async def drop_caches(self) -> dict[str, int]:
         """Make the kernel and this daemon ask the backing store again about every
         passthrough file and directory (`mailfs flush --caches`): for changes made on the
         backing store behind mailfs, which are otherwise seen within the passthrough
-        timeout. Index files are not touched: they change only through mailfs."""
+        timeout. Index files are not touched: they change only through mailfs.
+
+        Directories lose their attributes and listings but keep their names: invalidating
+        a directory's name would detach whatever is mounted below it and make getcwd()
+        fail in processes working inside it."""
+        invalidate = self.passthrough_invalidator
         inodes = entries = 0
-        for node in self.table.nodes.values():
-            if node.kind not in (Kind.PASSTHROUGH, Kind.DIR) or node.fid:
-                continue
-            node.stat_cache = None
-            node.cached_version = (0, 0)  # the next open drops the kernel's pages too
-            if node.inode != ROOT:
-                self.invalidator.inode(node.inode)
-                inodes += 1
-        for (parent, name), inode in self.table.entries.items():
+        for count, node in enumerate(list(self.table.nodes.values()), 1):
+            if node.kind in (Kind.PASSTHROUGH, Kind.DIR) and not node.fid:
+                node.stat_cache = None
+                node.cached_version = (0, 0)  # the next open drops the kernel's pages too
+                if node.inode != ROOT:
+                    invalidate.inode(node.inode)
+                    inodes += 1
+            if count % DROP_CHUNK == 0:
+                await trio.sleep(0)  # a big table must not hold up other requests
+        for count, ((parent, name), inode) in enumerate(list(self.table.entries.items()), 1):
             named = self.table.nodes.get(inode)
-            if named is not None and named.kind in (Kind.PASSTHROUGH, Kind.DIR) and not named.fid:
-                self.invalidator.entry(parent, name)
+            if named is not None and named.kind is Kind.PASSTHROUGH:
+                invalidate.entry(parent, name)
                 entries += 1
+            if count % DROP_CHUNK == 0:
+                await trio.sleep(0)
         for parent, name in self.missing:
-            self.invalidator.entry(parent, name)
+            invalidate.entry(parent, name)
         missing, self.missing = len(self.missing), OrderedDict()
         self.caches_dropped += 1
         return {"inodes": inodes, "entries": entries, "missing_names": missing}

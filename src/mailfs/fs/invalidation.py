@@ -28,7 +28,8 @@ class KernelInvalidator:
         self._inodes: set[int] = set()
         self._entries: set[tuple[int, bytes]] = set()
         self._wake = trio.Event()
-        self._sending = False
+        self._batches_taken = 0
+        self._batches_sent = 0
         self._batch_sent = trio.Event()
         self.sent = 0
         self.errors = 0
@@ -49,18 +50,22 @@ class KernelInvalidator:
             self._wake = trio.Event()
             inodes, entries = self._inodes, self._entries
             self._inodes, self._entries = set(), set()
-            self._sending = True
+            self._batches_taken += 1
             try:
                 await trio.to_thread.run_sync(self._notify, inodes, entries)
             finally:
-                self._sending = False
+                self._batches_sent += 1
                 done, self._batch_sent = self._batch_sent, trio.Event()
                 done.set()
 
-    async def drain(self) -> None:
-        """Return once everything asked for so far has reached the kernel."""
-        while self._inodes or self._entries or self._sending:
-            await self._batch_sent.wait()
+    async def drain(self, timeout: float) -> int:
+        """Wait (at most `timeout` s) until everything asked for before this call has
+        reached the kernel; returns how many of those are still queued or in flight."""
+        target = self._batches_taken + (1 if self._inodes or self._entries else 0)
+        with trio.move_on_after(timeout):
+            while self._batches_sent < target:
+                await self._batch_sent.wait()
+        return 0 if self._batches_sent >= target else len(self._inodes) + len(self._entries) + 1
 
     def _notify(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
         for parent, name in entries:
