@@ -159,9 +159,12 @@ LAYOUTS = {
     "full": ("local", "full"),
     "index-only": ("local-index", "index-only"),
     "all": ("local-index", "index-only", "index-only-sync2", "sshfs", "sshfs+local-index",
-            "sshfs+index-only", "local", "full"),
+            "sshfs+index-only", "local", "full", "full-sshfs"),
+    # Issue 9's comparison: the full overlay over a network filesystem.
+    "network": ("sshfs", "sshfs+local-index", "sshfs+index-only", "full-sshfs"),
 }
-RESULT_STEMS = {"full": "imap_load", "index-only": "imap_index_only", "all": "imap_layouts"}
+RESULT_STEMS = {"full": "imap_load", "index-only": "imap_index_only", "all": "imap_layouts",
+                "network": "imap_network"}
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,8 @@ COMPARISONS = (
     Comparison("sshfs+index-only", "sshfs", {"*": 2.0}),
     Comparison("sshfs+local-index", "sshfs", {}),
     Comparison("full-sshfs", "sshfs", {"*": 2.0}),
+    Comparison("full-sshfs", "sshfs+local-index", {}),
+    Comparison("full-sshfs", "sshfs+index-only", {}),
 )
 
 
