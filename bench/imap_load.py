@@ -134,6 +134,7 @@ class ClientResult:
     error_samples: list[str] = field(default_factory=list)
     # (wall clock, what) of every error, the first MAX_ERROR_LOG: the soak run splits them
     # by what was going on at the time.
+    # (wall-clock time the failing command was issued, what failed)
     error_log: list[tuple[float, str]] = field(default_factory=list)
     fatal: str | None = None
 
@@ -560,7 +561,7 @@ def run_client(
         except (imaplib.IMAP4.abort, OSError) as exc:
             errors += 1
             stat.errors += 1
-            note(result, name, exc)
+            note(result, name, exc, issued=time.time() - (time.monotonic() - now))
             client.close()
             failure = reconnect(client, config)
             if failure is not None:
@@ -569,7 +570,7 @@ def run_client(
         except (imaplib.IMAP4.error, CorruptMessage) as exc:
             errors += 1
             stat.errors += 1
-            note(result, name, exc)
+            note(result, name, exc, issued=time.time() - (time.monotonic() - now))
         end = time.monotonic()
         stat.count += 1
         stat.seconds += end - now
@@ -607,9 +608,11 @@ def reconnect(client: ImapClient, config: LoadConfig) -> str | None:
     return failure
 
 
-def note(result: ClientResult, name: str, exc: BaseException) -> None:
+def note(result: ClientResult, name: str, exc: BaseException, issued: float) -> None:
+    """`issued`: when the failing command was sent. A command that waited out a
+    disturbance fails long after it; it belongs to the time it was issued."""
     if len(result.error_log) < MAX_ERROR_LOG:
-        result.error_log.append((time.time(), f"{name}: {describe(exc)}"))
+        result.error_log.append((issued, f"{name}: {describe(exc)}"))
     if len(result.error_samples) < 10:
         result.error_samples.append(f"{name}: {describe(exc)}")
 

@@ -296,8 +296,9 @@ def report(soak: Soak, info: dict[str, str]) -> str:
         "", "disturbances:",
         *(f"  {d.what:<5} node {d.node} at {d.start - soak.load_started_wall:6.1f} s "
           f"({(d.end or d.start) - d.start:.1f} s)" for d in soak.disturbances),
-        "", "IMAP (per node; 'while disturbed' = errors of that node's clients during its own "
-        f"kill or full disk, plus {SETTLE_SECONDS:g} s):",
+        "", "IMAP (per node; 'while disturbed' = errors of commands that node's clients issued "
+        f"during its own kill or full disk, plus {SETTLE_SECONDS:g} s; times are when a failing "
+        "command was issued):",
     ]
     for node, counts in sorted(errors.items()):
         result = soak.results[node]
