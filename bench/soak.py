@@ -112,6 +112,13 @@ class Soak:
                     dovecot.stop()
                 dovecot.kill()
             if self.cluster is not None:
+                # The cluster removes its directory: keep the daemons' logs for a look later
+                # (with --keep).
+                logs = self.root / "mailfs-logs"
+                logs.mkdir(exist_ok=True)
+                for node in self.cluster.nodes:
+                    with contextlib.suppress(Exception):
+                        (logs / f"{node.node_id}.log").write_text(node.log())
                 with contextlib.suppress(Exception):
                     self.cluster.close()
             subprocess.run(["umount", "-l", str(state_c)], check=False)
