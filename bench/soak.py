@@ -156,14 +156,29 @@ class Soak:
             stop.wait(0.5)
 
     def kill_and_restart(self, node: Node) -> None:
+        """kill -9 of the daemon, mounted again at once. Unless --dovecot-survives, the
+        node's Dovecot goes down with it and comes back after it, as the admin guide's
+        systemd units do: Dovecot processes that outlive their index mount hold dead files
+        and locks the new mount does not know, and their recovery writes corrupt the
+        indexes that the new mount serves."""
         event = Disturbance(node.node_id, "kill", time.time())
         self.disturbances.append(event)
-        self.log(f"kill -9 of node {node.node_id}'s daemon")
+        dovecot = self.dovecots[node.node_id]
+        follows = not self.args.dovecot_survives
+        self.log(f"kill -9 of node {node.node_id}'s daemon"
+                 + (" (its Dovecot stops with it)" if follows else ""))
         node.kill()
+        if follows:
+            dovecot.kill()
         try:
             node.start()
         except Exception as exc:
             self.problems.append(f"node {node.node_id} did not mount again: {exc!r}")
+        if follows:
+            try:
+                dovecot.start()
+            except Exception as exc:
+                self.problems.append(f"Dovecot of node {node.node_id} did not start: {exc!r}")
         event.end = time.time()
 
     def fill(self, node: Node, stop: threading.Event) -> None:
@@ -298,7 +313,9 @@ def report(soak: Soak, info: dict[str, str]) -> str:
         "", "machine:", *(f"  {k}: {v}" for k, v in info.items()), "",
         f"config: {soak.args.minutes:g} min, {soak.args.format}, {soak.args.clients} clients "
         f"and {soak.args.users} users per node, kill -9 every {soak.args.kill_every:g} s "
-        f"(a, b, c in turn), node c's state disk ({STATE_TMPFS} tmpfs) full at "
+        f"(a, b, c in turn; Dovecot "
+        f"{'kept running' if soak.args.dovecot_survives else 'stopped and started with it'}), "
+        f"node c's state disk ({STATE_TMPFS} tmpfs) full at "
         f"{soak.args.fill_at:g} s for {soak.args.fill_seconds:g} s",
         "", "disturbances:",
         *(f"  {d.what:<5} node {d.node} at {d.start - soak.load_started_wall:6.1f} s "
@@ -380,6 +397,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-every", type=float, default=2.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp"))
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--dovecot-survives", action="store_true",
+                        help="kill only the daemon and leave the node's Dovecot running")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
