@@ -21,6 +21,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +45,10 @@ from tests.rigs.cluster import Cluster, Node  # noqa: E402
 from tests.rigs.dovecot import Dovecot, prepare_mail_root  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Dovecot lines that say an index was damaged or repaired, as opposed to plain I/O errors
+# while the mount was gone.
+CORRUPTION = re.compile(r"[Cc]orrupt|indexid changed|already exists, rebuilding|"
+                        r"Rebuilding index|Fixed index|Panic:")
 # After a kill or the end of a full disk, errors of that node's clients count as its own
 # for this long (Dovecot reopens its indexes, clients log in again).
 SETTLE_SECONDS = 15.0
@@ -176,6 +182,8 @@ class Soak:
             self.problems.append(f"node {node.node_id} did not mount again: {exc!r}")
         if follows:
             try:
+                # The clients reconnect to the same port: wait until nothing holds it.
+                wait_port_free(dovecot.port)
                 dovecot.start()
             except Exception as exc:
                 self.problems.append(f"Dovecot of node {node.node_id} did not start: {exc!r}")
@@ -282,6 +290,24 @@ class Soak:
         return split
 
 
+def wait_port_free(port: int, timeout: float = 15.0) -> None:
+    """Until 127.0.0.1:port can be bound again (a killed Dovecot's last processes may
+    still hold its listener for a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = socket.socket()
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        finally:
+            probe.close()
+
+
 def log_time(line: str) -> float | None:
     """The wall-clock time of a Dovecot log line ("Nov 30 13:03:59 imap(...)": local time,
     to the second; the year is this one)."""
@@ -330,13 +356,17 @@ def report(soak: Soak, info: dict[str, str]) -> str:
                      f"errors {counts['total']} (while disturbed {counts['while disturbed']}, "
                      f"other {counts['other']}), clients that gave up {counts['fatal']}, "
                      f"bodies verified {result.verified}")
+        lines += [f"     gave up: {reason}" for reason in result.fatal]
         lines += [f"     other at {line}" for line in soak.other_errors(node)[:10]]
         lines += [f"     {sample}" for sample in result.error_samples()[:3]]
     lines += ["", "Dovecot error, panic, fatal and index rebuild lines (per node; split the "
               "same way):"]
     for node, found in sorted(problems.items()):
+        damaged = [line for line in found["while disturbed"] + found["other"]
+                   if CORRUPTION.search(line)]
         lines.append(f"  {node}: while disturbed {len(found['while disturbed'])}, "
-                     f"other {len(found['other'])}")
+                     f"other {len(found['other'])}; of all these, corruption or repair "
+                     f"lines {len(damaged)}")
         lines += [f"     other: {line[:240]}" for line in found["other"][:8]]
         lines += [f"     while disturbed: {line[:240]}" for line in found["while disturbed"][:3]]
     lines += ["", "daemon RSS, MiB (min / max over the run; a daemon is new after each kill):"]
