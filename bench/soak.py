@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -176,6 +177,7 @@ class Soak:
         node.kill()
         if follows:
             dovecot.kill()
+            kill_leftovers(dovecot.base_dir)
         try:
             node.start()
         except Exception as exc:
@@ -288,6 +290,25 @@ class Soak:
             split[node] = {"while disturbed": own,
                            "other": [line for line in lines if line not in own]}
         return split
+
+
+def kill_leftovers(base_dir: Path) -> None:
+    """SIGKILL what is left of a killed Dovecot: a child forked while its master was being
+    killed escapes the kill, and its login processes (chrooted below `base_dir`) keep the
+    login socket, so the next start refuses ("Dovecot is already running?")."""
+    prefix = str(base_dir.resolve())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        for link in ("root", "cwd"):
+            try:
+                target = os.readlink(f"/proc/{entry}/{link}")
+            except OSError:
+                continue
+            if target == prefix or target.startswith(prefix + "/"):
+                with contextlib.suppress(OSError):
+                    os.kill(int(entry), signal.SIGKILL)
+                break
 
 
 def wait_port_free(port: int, timeout: float = 15.0) -> None:

@@ -294,6 +294,10 @@ def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(dirs: Dirs, small_dis
         for round_ in range(8):  # more than the journal's last page could hold
             os.pwrite(fd, patch, 8192 * round_)
             os.ftruncate(fd, len(body) - 100 * (round_ + 1))
+            # What the reserve gave up is for undos only: an append must not take it.
+            with pytest.raises(OSError) as grown:
+                os.pwrite(fd, os.urandom(16 * 1024), len(body))
+            assert grown.value.errno == errno.ENOSPC
         expected = (patch * 8)[: len(body) - 800]
         assert os.pread(fd, len(body), 0) == expected
         # The space the reserve gave up is taken too: LMDB has no room for a commit, and

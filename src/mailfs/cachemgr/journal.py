@@ -47,6 +47,10 @@ class Journal:
         self.reserve_whole = False
         self.reserve_unsupported = False  # this filesystem cannot preallocate: no reserve
         self.reserve_records = 0  # records ever written into space the reserve gave up
+        # Bytes the reserve gave up that undo records have not used yet. Other writes must
+        # leave them alone, or the first appends after a full disk eat the reserve piece
+        # by piece and the undo that needed it fails (seen in the soak run).
+        self.reserve_loose = 0
 
     def generations(self) -> list[int]:
         found = []
@@ -115,6 +119,8 @@ class Journal:
         """
         record = Record(self.seq + 1, op, fields)
         data = encode(record)
+        if not space_neutral:
+            self._keep_loose_reserve(len(data))
         try:
             self._write(data)
         except OSError as exc:
@@ -123,8 +129,22 @@ class Journal:
                 raise
             self._write(data)
             self.reserve_records += 1
+        if space_neutral and self.reserve_loose:
+            self.reserve_loose = max(0, self.reserve_loose - len(data))
         self.seq = record.seq
         return record, data
+
+    def _keep_loose_reserve(self, size: int) -> None:
+        """ENOSPC for a write that would need space the reserve gave up for undos."""
+        if not self.reserve_loose:
+            return
+        try:
+            vfs = os.statvfs(self.directory)
+        except OSError:
+            return
+        if vfs.f_bavail * vfs.f_frsize - size < self.reserve_loose:
+            raise OSError(errno.ENOSPC, "state disk full: the space left is kept for "
+                                        "undoing changes")
 
     def sync_files(self) -> None:
         """fsync every journal file and the directory that names them: replay then finds
@@ -160,6 +180,7 @@ class Journal:
             if st.st_size < RESERVE_BYTES or st.st_blocks * 512 < RESERVE_BYTES:
                 os.posix_fallocate(fd, 0, RESERVE_BYTES)
             self.reserve_whole = True
+            self.reserve_loose = 0
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 self.reserve_unsupported = True
@@ -190,6 +211,7 @@ class Journal:
         try:
             self.reserve_whole = False
             os.truncate(self.reserve_path, max(0, size - piece))
+            self.reserve_loose += min(piece, size)
         except OSError as exc:
             log.error("cannot give up journal reserve space: %s", exc)
             return False
@@ -199,7 +221,9 @@ class Journal:
 
     def append_remote(self, fields: tuple[Field, ...]) -> None:
         """Write a peer's change: it keeps its place in the history, but takes no seq."""
-        self._write(encode(Record(0, Op.REMOTE, fields)))
+        data = encode(Record(0, Op.REMOTE, fields))
+        self._keep_loose_reserve(len(data))
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         try:

@@ -1102,7 +1102,8 @@ class MetaStore:
         except OSError:
             return False
         needed = sum(len(c) for image in batch.files for c in image.chunks.values())
-        return vfs.f_bavail * vfs.f_frsize < needed + headroom
+        free = vfs.f_bavail * vfs.f_frsize - self.journal.reserve_loose  # kept for undos
+        return free < needed + headroom
 
     def _delete_file(self, txn: lmdb.Transaction, fid: int) -> None:
         key = FID.pack(fid)
