@@ -260,6 +260,7 @@ class MetaStore:
         self.journal = Journal(state_dir)
         self._commit_lock = trio.Lock()
         self._journal_error_logged = -1e9
+        self._commit_error_logged = -1e9
         self._wake = trio.Event()
         # Replication log entries not yet in LMDB (pending or being committed), in order.
         self.replog_tail: list[LogEntry] = []
@@ -1157,8 +1158,13 @@ class MetaStore:
         self.committing_fids = set()
         self.stats.commit_errors += 1
         self.stats.last_commit_error = "commit failed (see log)"
-        log.error("LMDB commit of %d changes failed; they stay in RAM and the journal",
-                  batch.seq - self.committed_seq)
+        # On a full disk every fsync and every committer round fails: say so every 10 s,
+        # not 1,500 times a minute (the count is in status).
+        if time.monotonic() - self._commit_error_logged > 10:
+            self._commit_error_logged = time.monotonic()
+            log.error("LMDB commit of %d changes failed; they stay in RAM and the journal "
+                      "(%d failed commits so far)", batch.seq - self.committed_seq,
+                      self.stats.commit_errors)
 
     # ---------------------------------------------------------------- replication log
 
