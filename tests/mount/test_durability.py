@@ -321,6 +321,83 @@ def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(dirs: Dirs, small_dis
         mount.kill()
 
 
+def test_a_full_disk_refuses_lock_content_but_never_the_rename_that_installs_it(
+        dirs: Dirs, small_disk: Path) -> None:
+    """Dovecot rotates its log by writing dovecot.index.log.newlock and renaming it over
+    dovecot.index.log. On ext4 with a full disk the write fails and the rename never does.
+    Lock files live in RAM here, so the write used to succeed and the rename, which copies
+    the content into the store, failed: Dovecot left the .newlock behind and every later
+    session hung on it (seen in bench/full_disk.py)."""
+    state = small_disk / "state"
+    mount = MailfsMount(dirs.backing, dirs.mnt, state, NO_AUTO_COMMIT,
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
+    mount.start()
+    try:
+        root = mount.mountpoint
+        (root / "dovecot.index.log").write_bytes(b"old log" * 1000)
+        (root / "dovecot.index.cache").write_bytes(os.urandom(64 * 1024))
+        (root / "dovecot.index").write_bytes(b"index" * 100)
+        header = os.urandom(112)
+        written_before = root / "dovecot.index.log.newlock"
+        fd = os.open(written_before, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, header)
+        os.close(fd)
+        fill_to_the_last_page(small_disk / "filler")
+        with pytest.raises(OSError) as grown, open(root / "dovecot.index.cache", "ab") as cache:
+            cache.write(os.urandom(256 * 1024))
+            cache.flush()
+        assert grown.value.errno == errno.ENOSPC
+        for size in range(6000, 2000, -500):  # undos: more than the journal's last page
+            os.truncate(root / "dovecot.index.log", size)
+        assert status(mount)["journal_reserve_records"] > 0
+        os.rename(written_before, root / "dovecot.index.log")
+        assert (root / "dovecot.index.log").read_bytes() == header
+        # A lock written now fails like a file on a full disk, and Dovecot drops it...
+        lock = root / "dovecot-uidlist.lock"
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with pytest.raises(OSError) as refused:
+                os.write(fd, os.urandom(64 * 1024))
+            assert refused.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        lock.unlink()
+        # ...unless deletes freed the room, as on ext4 (Dovecot deletes a broken cache).
+        os.unlink(root / "dovecot.index.cache")
+        uidlist = os.urandom(48 * 1024)
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, uidlist)
+        finally:
+            os.close(fd)
+        os.rename(lock, root / "dovecot-uidlist")
+        # mail_index_create_backup() links the index to a temporary name.
+        os.link(root / "dovecot.index", root / "dovecot.index.backup.tmp")
+        os.rename(root / "dovecot.index.backup.tmp", root / "dovecot.index.backup")
+        assert (root / "dovecot.index.backup").read_bytes() == b"index" * 100
+        (small_disk / "filler").unlink()
+        deadline = time.monotonic() + 10
+        while True:  # the mount looks at the disk again at most once a second
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, os.urandom(64 * 1024))
+                break
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC and time.monotonic() < deadline
+                time.sleep(0.2)
+            finally:
+                os.close(fd)
+        lock.unlink()
+        mount.stop()
+        mount.start()
+        assert (root / "dovecot.index.log").read_bytes() == header
+        assert (root / "dovecot-uidlist").read_bytes() == uidlist
+        assert (root / "dovecot.index.backup").read_bytes() == b"index" * 100
+    finally:
+        mount.stop()
+        mount.kill()
+
+
 def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs: Dirs) -> None:
     """A zero-filled tail (machine crash) in a journal with nothing to replay must not stop
     the replay of every later journal."""

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,14 @@ RESERVE_NAME = "journal-reserve"
 RESERVE_BYTES = 8 << 20
 # Given up in pieces, so that one undo does not spend the reserve of many.
 RESERVE_PIECE = 256 << 10
+# Free space (beyond what the reserve gave up) that ends a full-disk spell.
+ROOM_AGAIN = 1 << 20
+# Overwrites, and writes into space that deletes freed, leave this much of the reserve to
+# the changes that must never fail for want of space: truncates, renames (a lock file
+# renamed over its index file above all: Dovecot leaves a lock behind when that fails,
+# and every later session waits on it), unlinks. Overwrites cost journal space here,
+# unlike on ext4, and a busy Dovecot would use up the whole reserve within seconds.
+RESERVE_FLOOR = 4 << 20
 
 
 class Journal:
@@ -51,6 +60,11 @@ class Journal:
         # leave them alone, or the first appends after a full disk eat the reserve piece
         # by piece and the undo that needed it fails (seen in the soak run).
         self.reserve_loose = 0
+        self.overwrite_loose = 0  # the same, given up for overwrites
+        # Set by a record refused for want of space, cleared once there is room again.
+        self.out_of_space = False
+        self._space_checked = 0.0
+        self.freed = 0  # bytes deleted or truncated away while the disk is full
 
     def generations(self) -> list[int]:
         found = []
@@ -119,30 +133,94 @@ class Journal:
         """
         record = Record(self.seq + 1, op, fields)
         data = encode(record)
-        if not space_neutral:
-            self._keep_loose_reserve(len(data))
         try:
-            self._write(data)
+            if space_neutral and op is not Op.WRITE:
+                self._write_in_reserve(data, undo=True)
+            elif space_neutral:
+                self._write_in_reserve(data, undo=False)
+            else:
+                try:
+                    self._keep_loose(len(data), self.reserve_loose + self.overwrite_loose)
+                    self._write(data)
+                    self.out_of_space = False
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC or not self.spend_freed(len(data)):
+                        raise
+                    self._write_in_reserve(data, undo=False)
         except OSError as exc:
-            if (exc.errno != errno.ENOSPC or not space_neutral
-                    or not self._give_up_reserve(len(data))):
-                raise
-            self._write(data)
-            self.reserve_records += 1
-        if space_neutral and self.reserve_loose:
-            self.reserve_loose = max(0, self.reserve_loose - len(data))
+            if exc.errno == errno.ENOSPC:
+                self.out_of_space = True
+            raise
         self.seq = record.seq
         return record, data
 
-    def _keep_loose_reserve(self, size: int) -> None:
-        """ENOSPC for a write that would need space the reserve gave up for undos."""
-        if not self.reserve_loose:
+    def _write_in_reserve(self, data: bytes, undo: bool) -> None:
+        """Write a record that may use space the reserve gives up.
+
+        Undos (`undo`) may use all of it. Overwrites may not use what was given up for
+        undos, nor take the reserve below RESERVE_FLOOR.
+        """
+        try:
+            if not undo:
+                self._keep_loose(len(data), self.reserve_loose)
+            self._write(data)
+        except OSError as exc:
+            if (exc.errno != errno.ENOSPC
+                    or not self._give_up_reserve(len(data), undo)):
+                raise
+            self._write(data)
+            self.reserve_records += 1
+        if undo:
+            used = min(self.reserve_loose, len(data))
+            self.reserve_loose -= used
+            self.overwrite_loose = max(0, self.overwrite_loose - (len(data) - used))
+        else:
+            self.overwrite_loose = max(0, self.overwrite_loose - len(data))
+
+    def note_freed(self, size: int) -> None:
+        """A file's content shrank or went away. On a full ext4 its blocks are free for
+        the next writes; Dovecot counts on that (it deletes a broken cache file and then
+        writes a new log). Here freed space comes back only with the next LMDB commit,
+        which a full disk prevents, so it is lent from the reserve instead."""
+        if self.out_of_space and size > 0:
+            self.freed += size
+
+    def spend_freed(self, size: int) -> bool:
+        """Take `size` bytes of what was freed during this full-disk spell, if any left."""
+        if self.freed < size:
+            return False
+        self.freed -= size
+        return True
+
+    def short_of_space(self) -> bool:
+        """Whether the state disk is still full since a record was refused for want of
+        space. Once it is, the disk is looked at again at most once a second."""
+        if not self.out_of_space:
+            return False
+        now = time.monotonic()
+        if now - self._space_checked < 1.0:
+            return True
+        self._space_checked = now
+        try:
+            vfs = os.statvfs(self.directory)
+        except OSError:
+            return True
+        loose = self.reserve_loose + self.overwrite_loose
+        if vfs.f_bavail * vfs.f_frsize - loose >= ROOM_AGAIN:
+            self.out_of_space = False
+            self.freed = 0
+        return self.out_of_space
+
+    def _keep_loose(self, size: int, keep: int) -> None:
+        """ENOSPC for a write that would leave less than `keep` bytes free: space the
+        reserve gave up for other kinds of records."""
+        if not keep:
             return
         try:
             vfs = os.statvfs(self.directory)
         except OSError:
             return
-        if vfs.f_bavail * vfs.f_frsize - size < self.reserve_loose:
+        if vfs.f_bavail * vfs.f_frsize - size < keep:
             raise OSError(errno.ENOSPC, "state disk full: the space left is kept for "
                                         "undoing changes")
 
@@ -180,7 +258,9 @@ class Journal:
             if st.st_size < RESERVE_BYTES or st.st_blocks * 512 < RESERVE_BYTES:
                 os.posix_fallocate(fd, 0, RESERVE_BYTES)
             self.reserve_whole = True
-            self.reserve_loose = 0
+            self.reserve_loose = self.overwrite_loose = 0
+            self.out_of_space = False
+            self.freed = 0
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 self.reserve_unsupported = True
@@ -195,10 +275,12 @@ class Journal:
         except OSError:
             return 0
 
-    def _give_up_reserve(self, needed: int) -> bool:
-        """Free a piece of the reserve big enough for a record of `needed` bytes; False
-        once it is all gone."""
+    def _give_up_reserve(self, needed: int, undo: bool) -> bool:
+        """Free a piece of the reserve big enough for a record of `needed` bytes, for
+        undos or for overwrites; False once it is gone (for overwrites: down to
+        RESERVE_FLOOR)."""
         piece = max(RESERVE_PIECE, -(-needed // RESERVE_PIECE) * RESERVE_PIECE)
+        floor = 0 if undo else RESERVE_FLOOR
         try:
             size = self.reserve_path.stat().st_size
         except FileNotFoundError:
@@ -206,24 +288,32 @@ class Journal:
         except OSError as exc:
             log.error("cannot give up journal reserve space: %s", exc)
             return False
-        if size == 0:
+        if size == 0 or size - piece < floor:
             return False
         try:
             self.reserve_whole = False
             os.truncate(self.reserve_path, max(0, size - piece))
-            self.reserve_loose += min(piece, size)
+            if undo:
+                self.reserve_loose += min(piece, size)
+            else:
+                self.overwrite_loose += min(piece, size)
         except OSError as exc:
             log.error("cannot give up journal reserve space: %s", exc)
             return False
-        log.warning("state disk full: journaling an undo-type change in the reserve "
-                    "(%d KiB of it left)", max(0, size - piece) >> 10)
+        log.warning("state disk full: journaling %s in the reserve (%d KiB of it left)",
+                    "undo-type changes" if undo else "overwrites", max(0, size - piece) >> 10)
         return True
 
     def append_remote(self, fields: tuple[Field, ...]) -> None:
         """Write a peer's change: it keeps its place in the history, but takes no seq."""
         data = encode(Record(0, Op.REMOTE, fields))
-        self._keep_loose_reserve(len(data))
-        self._write(data)
+        try:
+            self._keep_loose(len(data), self.reserve_loose + self.overwrite_loose)
+            self._write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self.out_of_space = True
+            raise
 
     def _write(self, data: bytes) -> None:
         try:

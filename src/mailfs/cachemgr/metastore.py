@@ -715,11 +715,16 @@ class MetaStore:
         self._log(Op.CREATE, fid, dirpath, name, Attrs(mode, uid, gid, 1, 0, now, now, now))
         return self.files[fid]
 
-    def put(self, dirpath: bytes, name: bytes, attrs: Attrs, content: bytes) -> StoredFile:
-        """Install a whole file under a name, replacing what was there (promotion, import)."""
+    def put(self, dirpath: bytes, name: bytes, attrs: Attrs, content: bytes,
+            space_neutral: bool = False) -> StoredFile:
+        """Install a whole file under a name, replacing what was there (promotion, import).
+
+        `space_neutral`: the content already counts as written (a lock file renamed over
+        an index file: on a real disk its blocks are allocated, and the rename needs none).
+        """
         self._check_key(dirpath, name)
         fid = self.next_fid
-        self._log(Op.PUT, fid, dirpath, name, attrs, content)
+        self._log(Op.PUT, fid, dirpath, name, attrs, content, space_neutral=space_neutral)
         return self.files[fid]
 
     def write(self, stored: StoredFile, offset: int, data: bytes) -> None:
@@ -739,7 +744,9 @@ class MetaStore:
 
     def link(self, fid: int, dirpath: bytes, name: bytes) -> None:
         self._check_key(dirpath, name)
-        self._log(Op.LINK, fid, dirpath, name, time.time_ns())
+        # A new name takes no blocks on a real disk (Dovecot links dovecot.index to make
+        # its backup, also when the disk is full).
+        self._log(Op.LINK, fid, dirpath, name, time.time_ns(), space_neutral=True)
 
     def unlink(self, dirpath: bytes, name: bytes) -> None:
         self._log(Op.UNLINK, dirpath, name, time.time_ns(), space_neutral=True)
@@ -891,6 +898,7 @@ class MetaStore:
         old_size = stored.size
         if size < old_size:
             del stored.content[size:]
+            self.journal.note_freed(_blocks_end(old_size) - _blocks_end(size))
         else:
             stored.content.extend(bytes(size - old_size))
         stored.attrs.size = size
@@ -959,6 +967,7 @@ class MetaStore:
         stored = self.files.pop(fid, None)
         if stored is not None:
             self.ram_bytes -= stored.size
+            self.journal.note_freed(_blocks_end(stored.size))
         self.dirty_fids.discard(fid)
         self.drops.add(fid)
         self._set(b"orphans", FID.pack(fid), None)
@@ -1103,7 +1112,8 @@ class MetaStore:
         except OSError:
             return False
         needed = sum(len(c) for image in batch.files for c in image.chunks.values())
-        free = vfs.f_bavail * vfs.f_frsize - self.journal.reserve_loose  # kept for undos
+        free = (vfs.f_bavail * vfs.f_frsize - self.journal.reserve_loose
+                - self.journal.overwrite_loose)  # kept for undos and overwrites
         return free < needed + headroom
 
     def _delete_file(self, txn: lmdb.Transaction, fid: int) -> None:

@@ -865,7 +865,8 @@ class MailFS:
         if replaced is not None and noreplace:
             raise oserror(errno.EEXIST)
         node = self.table.nodes.get(volatile.inode)
-        stored = self.store.put(dst_path, new_name, volatile.attrs, bytes(volatile.content))
+        stored = self.store.put(dst_path, new_name, volatile.attrs, bytes(volatile.content),
+                                space_neutral=True)
         del self.volatile[(src_path, old_name)]
         volatile.attrs.nlink -= 1
         if node is not None and volatile.attrs.nlink == 0:
@@ -940,7 +941,7 @@ class MailFS:
                 if self.store.lookup(dirpath, new_name) is not None:
                     raise oserror(errno.EEXIST)
                 stored = self.store.put(dirpath, new_name, node.volatile.attrs,
-                                        bytes(node.volatile.content))
+                                        bytes(node.volatile.content), space_neutral=True)
                 node = self.table.replicated(stored.fid)
             else:
                 raise oserror(errno.EXDEV)
@@ -1109,6 +1110,13 @@ class MailFS:
             volatile = node.volatile
             assert volatile is not None
             start = len(volatile.content) if handle.append else offset
+            growth = start + len(data) - len(volatile.content)
+            if (growth > 0 and self.store.journal.short_of_space()
+                    and not self.store.journal.spend_freed(growth)):
+                # Lock files live in RAM, but the index file one is renamed over must fit
+                # the state disk: refused here, as a real full disk would, Dovecot drops
+                # the lock cleanly instead of failing the rename that installs it.
+                raise oserror(errno.ENOSPC, "state disk full")
             if start > len(volatile.content):
                 volatile.content.extend(bytes(start - len(volatile.content)))
             volatile.content[start:start + len(data)] = data

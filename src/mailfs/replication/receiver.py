@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from mailfs.replication.tls import certificate_names
 log = logging.getLogger(__name__)
 
 ACK_HOLD_POLL = 0.05
+REFUSAL_LOG_EVERY = 10.0
 SNAPSHOT_DISK_RESERVE = 64 << 20
 NOT_CHANGES = frozenset({Op.SNAP_FILE, Op.SNAP_NAME, Op.REMOTE})
 
@@ -82,6 +84,8 @@ class Receiver:
         self.store = replicator.store
         self.context = context
         self.active: dict[str, trio.CancelScope] = {}
+        # origin -> (when last logged, the reason, refusals since not logged)
+        self.refusals_logged: dict[str, tuple[float, str, int]] = {}
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         try:
@@ -118,8 +122,7 @@ class Receiver:
                 log.warning("replication stream from %s (%s) closed: %s", origin, address,
                             reason)
             else:
-                log.warning("refused replication connection from %s (%s): %s", origin,
-                            address, reason)
+                self._log_refusal(origin, address, reason)
                 self.replicator.note_rejection(f"{origin} ({address}): {reason}")
             if link is not None and isinstance(error, Refused):
                 try:
@@ -134,6 +137,21 @@ class Receiver:
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await tcp.aclose()
+
+    def _log_refusal(self, origin: str, address: str, reason: str) -> None:
+        """A peer reconnects every fraction of a second while this node's state disk is
+        full: log the same refusal once per REFUSAL_LOG_EVERY then, with a count. (Every
+        refusal for what a peer sent is logged.)"""
+        now = time.monotonic()
+        last = self.refusals_logged.get(origin)
+        if (last is not None and last[1] == reason and now - last[0] < REFUSAL_LOG_EVERY
+                and self.store.journal.out_of_space):
+            self.refusals_logged[origin] = (last[0], reason, last[2] + 1)
+            return
+        again = f" (and {last[2]} times more since)" if last is not None and last[2] else ""
+        log.warning("refused replication connection from %s (%s): %s%s", origin, address,
+                    reason, again)
+        self.refusals_logged[origin] = (now, reason, 0)
 
     def _check_identity(self, stream: trio.SSLStream[trio.SocketStream], origin: str) -> None:
         names = certificate_names(stream)
