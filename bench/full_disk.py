@@ -196,15 +196,19 @@ def chart(outcomes: Sequence[Outcome], path: Path) -> None:
     fig, axis = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series):
-        # log scale: zero is drawn as 0.8, just under the first tick
-        axis.bar([x + i * width for x in range(len(outcomes))],
-                 [max(v, 0.8) for v in values], width, label=name)
+        xs = [x + i * width for x in range(len(outcomes))]
+        # log scale: zero is drawn as a stub at 0.5, and every bar carries its count
+        axis.bar(xs, [max(v, 0.5) for v in values], width, label=name)
+        for x, value in zip(xs, values, strict=True):
+            axis.text(x, max(value, 0.5) * 1.1, str(value), ha="center", fontsize=7)
     axis.set_yscale("log")
+    highest = max((max(values) for _name, values in series), default=1)
+    axis.set_ylim(0.4, max(highest, 1) * 60)  # room for the legend above the bars
     axis.set_xticks([x + 0.4 - width / 2 for x in range(len(outcomes))], labels)
     axis.set_ylabel("count (log scale)")
     axis.set_title("a full index disk: Dovecot on a tmpfs vs an index-only mailfs mount",
                    fontsize=10)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, ncol=3, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
