@@ -327,7 +327,7 @@ def test_a_full_disk_refuses_lock_content_but_never_the_rename_that_installs_it(
     dovecot.index.log. On ext4 with a full disk the write fails and the rename never does.
     Lock files live in RAM here, so the write used to succeed and the rename, which copies
     the content into the store, failed: Dovecot left the .newlock behind and every later
-    session hung on it (seen in bench/full_disk.py)."""
+    session hung on it (seen in bench/disturbance.py)."""
     state = small_disk / "state"
     mount = MailfsMount(dirs.backing, dirs.mnt, state, NO_AUTO_COMMIT,
                         log_path=dirs.state.parent / "small-disk-mailfs.log")

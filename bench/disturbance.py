@@ -1,11 +1,16 @@
-"""What a full index disk does to Dovecot, with and without mailfs, side by side.
+"""What a full index disk or a kill -9 does to Dovecot, with and without mailfs, side by side.
 
-The soak run fills one node's state disk for 30 s and then counts Dovecot's corruption
-lines. This benchmark asks the question under it: does Dovecot come through a full disk
-cleanly when its indexes sit on a plain local filesystem? Each setup runs the same IMAP
-load on one Dovecot, fills the disk that holds the indexes (a small tmpfs) for
-`--fill-seconds`, frees it, and keeps the load going. It counts, split by the time they
-were logged (during the fill plus a settling time, or after):
+The soak run fills one node's state disk and kill -9s daemons, and then counts Dovecot's
+corruption lines. This benchmark asks the question under it: how does Dovecot come
+through the same disturbance when its indexes sit on a plain local filesystem? Each setup
+runs the same IMAP load on one Dovecot, and:
+- `--disturbance fill`: fills the disk that holds the indexes (a small tmpfs) for
+  `--fill-seconds`, frees it, and keeps the load going;
+- `--disturbance kill`: `--kills` times, `--kill-every` seconds apart, kill -9s Dovecot
+  (and the mailfs daemon, with the mailfs setup) and starts them again at once, as the
+  admin guide's systemd units do.
+It counts, split by the time they were logged (during a disturbance plus a settling time,
+or after):
 - Dovecot's error lines, and of those its corruption and repair lines;
 - errors the IMAP clients saw.
 
@@ -17,7 +22,8 @@ Setups:
 
 Not part of `make test`:
 
-    python -m bench.full_disk                       # sdbox, 100 s of load, fill at 20 s
+    python -m bench.disturbance                      # fill: sdbox, 100 s of load
+    python -m bench.disturbance --disturbance kill   # 3 kills, 20 s apart
 """
 
 from __future__ import annotations
@@ -41,7 +47,13 @@ for entry in (REPO, REPO / "src"):
 
 from bench.imap_load import LoadConfig, run_load  # noqa: E402
 from bench.run_all import PASSWORD, machine_info, work_dir  # noqa: E402
-from bench.soak import CORRUPTION, SETTLE_SECONDS, log_time  # noqa: E402
+from bench.soak import (  # noqa: E402
+    CORRUPTION,
+    SETTLE_SECONDS,
+    kill_leftovers,
+    log_time,
+    wait_port_free,
+)
 from tests.rigs.dovecot import Dovecot, prepare_mail_root  # noqa: E402
 from tests.rigs.mount import MailfsMount  # noqa: E402
 
@@ -105,18 +117,39 @@ def run_setup(setup: str, fmt: str, root: Path, args: argparse.Namespace) -> Out
         dovecot.start()
         stack.callback(dovecot.kill)
         stack.callback(dovecot.stop)
-        window: list[float] = []
+        windows: list[tuple[float, float]] = []
+
+        def say(text: str) -> None:
+            print(f"[{datetime.now(UTC):%H:%M:%S}] {setup}: {text}", flush=True)
+
+        def kill_and_restart() -> None:
+            if mount is not None:
+                mount.kill()
+            dovecot.kill()
+            kill_leftovers(dovecot.base_dir)
+            if mount is not None:
+                mount.start()
+            wait_port_free(dovecot.port)  # the clients reconnect to the same port
+            dovecot.start()
 
         def disturb() -> None:
             time.sleep(args.fill_at)
-            window.append(time.time())
-            print(f"[{datetime.now(UTC):%H:%M:%S}] {setup}: index disk full", flush=True)
-            fill(disk)
-            time.sleep(args.fill_seconds)
-            (disk / "filler").unlink()
-            window.append(time.time())
-            print(f"[{datetime.now(UTC):%H:%M:%S}] {setup}: index disk has room again",
-                  flush=True)
+            if args.disturbance == "fill":
+                start = time.time()
+                say("index disk full")
+                fill(disk)
+                time.sleep(args.fill_seconds)
+                (disk / "filler").unlink()
+                windows.append((start, time.time()))
+                say("index disk has room again")
+                return
+            for kill in range(args.kills):
+                if kill:
+                    time.sleep(args.kill_every)
+                start = time.time()
+                say("kill -9 of Dovecot" + (" and the mailfs daemon" if mount else ""))
+                kill_and_restart()
+                windows.append((start, time.time()))
 
         filler = threading.Thread(target=disturb, daemon=True)
         config = LoadConfig(port=dovecot.port, users=list(users), password=PASSWORD,
@@ -124,18 +157,22 @@ def run_setup(setup: str, fmt: str, root: Path, args: argparse.Namespace) -> Out
                             max_errors=100_000)
         result = run_load(config, on_start=filler.start)
         filler.join()
-        start, end = window[0], window[1] + SETTLE_SECONDS
+
+        def disturbed(when: float) -> bool:
+            return any(start <= when <= end + SETTLE_SECONDS for start, end in windows)
+
+        first = windows[0][0]
         outcome.ops = result.total_ops
         for client in result.clients:
             for issued, _what in client.error_log:
-                if start <= issued <= end:
+                if disturbed(issued):
                     outcome.client_errors_in_window += 1
-                elif issued > end:
+                elif issued > first:
                     outcome.client_errors_after += 1
         for line in dovecot.log_problems():
             when = log_time(line)
             corrupt = bool(CORRUPTION.search(line))
-            if when is not None and when > end:
+            if when is not None and when > first and not disturbed(when):
                 outcome.dovecot_lines_after += 1
                 outcome.corruption_lines_after += corrupt
                 if len(outcome.samples_after) < 5:
@@ -148,8 +185,17 @@ def run_setup(setup: str, fmt: str, root: Path, args: argparse.Namespace) -> Out
 
 def report(outcomes: Sequence[Outcome], args: argparse.Namespace, info: dict[str, str]
            ) -> str:
+    if args.disturbance == "fill":
+        what = "A full index disk"
+        how = (f"the {TMPFS_SIZE} tmpfs filled at {args.fill_at:g} s for "
+               f"{args.fill_seconds:g} s; 'window' = the fill plus {SETTLE_SECONDS:g} s")
+    else:
+        what = "kill -9 and restart"
+        how = (f"{args.kills} kill -9s of Dovecot (and of the mailfs daemon), from "
+               f"{args.fill_at:g} s, {args.kill_every:g} s apart, each restarted at once; "
+               f"'window' = each kill and restart plus {SETTLE_SECONDS:g} s")
     lines = [
-        "A full index disk, with and without mailfs: Dovecot's own index files on a tmpfs,",
+        f"{what}, with and without mailfs: Dovecot's own index files on a tmpfs,",
         "and an index-only mailfs mount whose state directory is on a tmpfs",
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC",
         "",
@@ -157,8 +203,7 @@ def report(outcomes: Sequence[Outcome], args: argparse.Namespace, info: dict[str
         *(f"  {key}: {value}" for key, value in info.items()),
         "",
         f"config: {args.seconds:g} s of IMAP load, {args.clients} clients over {args.users} "
-        f"users; the {TMPFS_SIZE} tmpfs filled at {args.fill_at:g} s for "
-        f"{args.fill_seconds:g} s; 'window' = the fill plus {SETTLE_SECONDS:g} s",
+        f"users; {how}",
         "",
         f"{'setup':8} {'format':7} {'ops':>7} {'client errors':>18} {'Dovecot lines':>18} "
         f"{'of them corruption':>20}",
@@ -179,7 +224,7 @@ def report(outcomes: Sequence[Outcome], args: argparse.Namespace, info: dict[str
     return "\n".join(lines) + "\n"
 
 
-def chart(outcomes: Sequence[Outcome], path: Path) -> None:
+def chart(outcomes: Sequence[Outcome], path: Path, disturbance: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,8 +251,8 @@ def chart(outcomes: Sequence[Outcome], path: Path) -> None:
     axis.set_ylim(0.4, max(highest, 1) * 60)  # room for the legend above the bars
     axis.set_xticks([x + 0.4 - width / 2 for x in range(len(outcomes))], labels)
     axis.set_ylabel("count (log scale)")
-    axis.set_title("a full index disk: Dovecot on a tmpfs vs an index-only mailfs mount",
-                   fontsize=10)
+    what = "a full index disk" if disturbance == "fill" else "kill -9 and restart"
+    axis.set_title(f"{what}: Dovecot on a tmpfs vs an index-only mailfs mount", fontsize=10)
     axis.legend(fontsize=8, ncol=3, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -219,8 +264,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--setups", default=",".join(SETUPS))
     parser.add_argument("--formats", default="sdbox")
     parser.add_argument("--seconds", type=float, default=100.0)
-    parser.add_argument("--fill-at", type=float, default=20.0)
+    parser.add_argument("--fill-at", type=float, default=20.0,
+                        help="when the (first) disturbance starts, in seconds")
     parser.add_argument("--fill-seconds", type=float, default=30.0)
+    parser.add_argument("--disturbance", choices=("fill", "kill"), default="fill")
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--kill-every", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--users", type=int, default=2)
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -231,8 +280,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.setup_list) - set(SETUPS)
     if unknown:
         parser.error(f"unknown setups {', '.join(sorted(unknown))}; known: {', '.join(SETUPS)}")
-    if args.fill_at + args.fill_seconds + SETTLE_SECONDS >= args.seconds:
-        parser.error("the load must outlast the fill and its settling time")
+    busy = (args.fill_seconds if args.disturbance == "fill"
+            else (args.kills - 1) * args.kill_every + 5)
+    if args.fill_at + busy + SETTLE_SECONDS >= args.seconds:
+        parser.error("the load must outlast the disturbances and their settling time")
     return args
 
 
@@ -247,10 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(outcomes, args, info)
     print(text)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "full_disk.txt").write_text(text)
-    (args.results / "full_disk.json").write_text(
+    stem = "full_disk" if args.disturbance == "fill" else "kill_restart"
+    (args.results / f"{stem}.txt").write_text(text)
+    (args.results / f"{stem}.json").write_text(
         json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
-    chart(outcomes, args.results / "full_disk.png")
+    chart(outcomes, args.results / f"{stem}.png", args.disturbance)
     return 0
 
 
