@@ -285,10 +285,12 @@ class Soak:
         split: dict[str, dict[str, list[str]]] = {}
         for node, dovecot in self.dovecots.items():
             lines = dovecot.log_problems() + dovecot.index_rebuild_lines()
-            own = [line for line in lines
-                   if (when := log_time(line)) is not None and self.own_error(node, when)]
-            split[node] = {"while disturbed": own,
-                           "other": [line for line in lines if line not in own]}
+            own, other = [], []
+            for line in lines:
+                when = log_time(line)
+                (own if when is not None and self.own_error(node, when) else other).append(line)
+            # (A full disk once made 160,000 lines: no list membership tests here.)
+            split[node] = {"while disturbed": own, "other": other}
         return split
 
 
