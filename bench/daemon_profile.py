@@ -78,6 +78,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--gil", action="store_true",
+                        help="only samples that hold the GIL: Python's own CPU, not the "
+                             "time threads spend in system calls or waiting")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true")
@@ -107,7 +110,8 @@ def main() -> int:
                 cpu["before"] = process_cpu_seconds(pid)
                 sampler = subprocess.Popen(
                     [spy, "record", "--nonblocking", "--format", "raw", "--rate",
-                     str(args.rate), "--output", str(raw_path), "--pid", str(pid)],
+                     str(args.rate), "--output", str(raw_path), "--pid", str(pid),
+                     *(["--gil"] if args.gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
             def on_end() -> None:
@@ -131,7 +135,8 @@ def main() -> int:
     total, own, inclusive = summarize(raw)
     lines = [
         f"mailfs daemon profile: full overlay over a local directory, {args.format}, "
-        f"{args.clients} clients, {args.seconds:g} s, py-spy at {args.rate}/s",
+        f"{args.clients} clients, {args.seconds:g} s, py-spy at {args.rate}/s"
+        + (", samples holding the GIL only" if args.gil else ""),
         *(f"  {key}: {value}" for key, value in info.items()),
         "",
         f"IMAP operations: {result.total_ops} ({result.ops_per_s:.0f}/s with py-spy "
@@ -151,7 +156,7 @@ def main() -> int:
         *(f"  {100 * count / max(total, 1):5.1f}%  {name}" for name, count in inclusive),
     ]
     args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"daemon_profile_{args.format}.txt"
+    out = args.results / f"daemon_profile_{args.format}{'_gil' if args.gil else ''}.txt"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
