@@ -301,7 +301,12 @@ class ImapClient:
     def connect(self) -> None:
         conn = imaplib.IMAP4(self.config.host, self.config.port, timeout=self.config.io_timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        check(conn.login(self.user, self.config.password), "LOGIN")
+        try:
+            check(conn.login(self.user, self.config.password), "LOGIN")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.shutdown()
+            raise
         self.conn = conn
 
     def close(self) -> None:
@@ -571,6 +576,11 @@ def run_client(
             errors += 1
             stat.errors += 1
             note(result, name, exc, issued=time.time() - (time.monotonic() - now))
+            if client.conn is None:  # a relogin whose LOGIN was refused (Dovecot restarting)
+                failure = reconnect(client, config)
+                if failure is not None:
+                    result.fatal = f"reconnect after {name} failed: {failure}"
+                    break
         end = time.monotonic()
         stat.count += 1
         stat.seconds += end - now
