@@ -146,7 +146,11 @@ class Journal:
                 except OSError as exc:
                     if exc.errno != errno.ENOSPC or not self.spend_freed(len(data)):
                         raise
-                    self._write_in_reserve(data, undo=False)
+                    try:
+                        self._write_in_reserve(data, undo=False)
+                    except OSError:
+                        self.freed += len(data)  # not spent after all
+                        raise
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self.out_of_space = True

@@ -148,7 +148,8 @@ class Receiver:
                 and self.store.journal.out_of_space):
             self.refusals_logged[origin] = (last[0], reason, last[2] + 1)
             return
-        again = f" (and {last[2]} times more since)" if last is not None and last[2] else ""
+        again = (f" ({last[2]} more refusals not logged since the last such line)"
+                 if last is not None and last[2] else "")
         log.warning("refused replication connection from %s (%s): %s%s", origin, address,
                     reason, again)
         self.refusals_logged[origin] = (now, reason, 0)
