@@ -398,6 +398,49 @@ def test_a_full_disk_refuses_lock_content_but_never_the_rename_that_installs_it(
         mount.kill()
 
 
+def test_overwrites_on_a_full_disk_leave_reserve_for_renames_and_truncates(
+        dirs: Dirs, small_disk: Path) -> None:
+    """Every overwrite costs journal space here (none on ext4), and a busy Dovecot
+    overwrites its cache tens of thousands of times while a disk is full. Overwrites must
+    stop at the reserve's floor, so that renames, truncates and unlinks still work."""
+    state = small_disk / "state"
+    mount = MailfsMount(dirs.backing, dirs.mnt, state, NO_AUTO_COMMIT,
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
+    mount.start()
+    try:
+        root = mount.mountpoint
+        cache = root / "dovecot.index.cache"
+        cache.write_bytes(os.urandom(1 << 20))
+        (root / "dovecot.index.tmp").write_bytes(b"new index")
+        (root / "dovecot.index.log").write_bytes(b"log" * 4000)
+        fill_to_the_last_page(small_disk / "filler")
+        fd = os.open(cache, os.O_RDWR)
+        refused = 0
+        try:
+            for round_ in range(300):  # 300 x 64 KiB: far more than the 8 MiB reserve
+                try:
+                    os.pwrite(fd, os.urandom(64 << 10), (round_ % 16) << 16)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    refused += 1
+        finally:
+            os.close(fd)
+        assert refused > 0, "overwrites took the whole reserve"
+        assert status(mount)["journal_reserve_bytes"] >= (4 << 20) - (256 << 10)
+        os.rename(root / "dovecot.index.tmp", root / "dovecot.index")
+        os.truncate(root / "dovecot.index.log", 100)
+        (root / "dovecot.index.log").unlink()
+        assert (root / "dovecot.index").read_bytes() == b"new index"
+        (small_disk / "filler").unlink()
+        mount.stop()
+        mount.start()
+        assert (root / "dovecot.index").read_bytes() == b"new index"
+        assert not (root / "dovecot.index.log").exists()
+    finally:
+        mount.stop()
+        mount.kill()
+
+
 def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs: Dirs) -> None:
     """A zero-filled tail (machine crash) in a journal with nothing to replay must not stop
     the replay of every later journal."""
