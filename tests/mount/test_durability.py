@@ -258,6 +258,19 @@ def test_full_disk_gives_enospc_and_loses_nothing(dirs: Dirs, small_disk: Path) 
         mount.kill()
 
 
+@pytest.fixture
+def small_disk_mount(dirs: Dirs, small_disk: Path) -> Iterator[MailfsMount]:
+    """A mount whose state directory is on the small disk, with no periodic commit."""
+    mount = MailfsMount(dirs.backing, dirs.mnt, small_disk / "state", NO_AUTO_COMMIT,
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
+    mount.start()
+    try:
+        yield mount
+    finally:
+        mount.stop()
+        mount.kill()
+
+
 def fill_to_the_last_page(path: Path) -> None:
     with open(path, "wb", buffering=0) as handle:
         for size in (1 << 20, 4096):
@@ -268,177 +281,156 @@ def fill_to_the_last_page(path: Path) -> None:
                 assert exc.errno == errno.ENOSPC
 
 
-def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(dirs: Dirs, small_disk: Path
-                                                           ) -> None:
+def test_a_full_disk_still_lets_dovecot_undo_and_overwrite(
+        small_disk_mount: MailfsMount, small_disk: Path) -> None:
     """On ext4, a full disk refuses what needs new blocks but still allows truncating,
     overwriting in place, unlinking and fsync: Dovecot relies on that to undo a failed log
     append. Without it the log keeps a half-written record and Dovecot reports it corrupted,
     and a failed fsync makes Dovecot leave a saved mail file its index does not know."""
-    state = small_disk / "state"
-    mount = MailfsMount(dirs.backing, dirs.mnt, state, NO_AUTO_COMMIT,
-                        log_path=dirs.state.parent / "small-disk-mailfs.log")
-    mount.start()
-    try:
-        log_file = mount.mountpoint / "dovecot.index.log"
-        spare = mount.mountpoint / "dovecot.index.log.2"
-        body = os.urandom(64 * 1024)
-        log_file.write_bytes(body)
-        spare.write_bytes(b"an older log")
-        fd = os.open(log_file, os.O_RDWR)
-        os.fsync(fd)
-        fill_to_the_last_page(small_disk / "filler")
+    mount = small_disk_mount
+    log_file = mount.mountpoint / "dovecot.index.log"
+    spare = mount.mountpoint / "dovecot.index.log.2"
+    body = os.urandom(64 * 1024)
+    log_file.write_bytes(body)
+    spare.write_bytes(b"an older log")
+    fd = os.open(log_file, os.O_RDWR)
+    os.fsync(fd)
+    fill_to_the_last_page(small_disk / "filler")
+    with pytest.raises(OSError) as grown:
+        os.pwrite(fd, os.urandom(64 * 1024), len(body))
+    assert grown.value.errno == errno.ENOSPC
+    patch = os.urandom(8192)
+    for round_ in range(8):  # more than the journal's last page could hold
+        os.pwrite(fd, patch, 8192 * round_)
+        os.ftruncate(fd, len(body) - 100 * (round_ + 1))
+        # What the reserve gave up is for undos only: an append must not take it.
         with pytest.raises(OSError) as grown:
-            os.pwrite(fd, os.urandom(64 * 1024), len(body))
+            os.pwrite(fd, os.urandom(16 * 1024), len(body))
         assert grown.value.errno == errno.ENOSPC
-        patch = os.urandom(8192)
-        for round_ in range(8):  # more than the journal's last page could hold
-            os.pwrite(fd, patch, 8192 * round_)
-            os.ftruncate(fd, len(body) - 100 * (round_ + 1))
-            # What the reserve gave up is for undos only: an append must not take it.
-            with pytest.raises(OSError) as grown:
-                os.pwrite(fd, os.urandom(16 * 1024), len(body))
-            assert grown.value.errno == errno.ENOSPC
-        expected = (patch * 8)[: len(body) - 800]
-        assert os.pread(fd, len(body), 0) == expected
-        # The space the reserve gave up is taken too: LMDB has no room for a commit, and
-        # the fsync'd journal makes the changes durable instead.
-        fill_to_the_last_page(small_disk / "filler2")
-        os.fsync(fd)
-        os.close(fd)
-        spare.unlink()
-        counts = status(mount)
-        assert counts["journal_reserve_records"] > 0
-        assert counts["journal_fsyncs"] > 0
-        mount.kill()  # the changes are in the journal only: replay must bring them back
-        (small_disk / "filler").unlink()
-        (small_disk / "filler2").unlink()
-        mount.start()
-        assert log_file.read_bytes() == expected
-        assert not spare.exists()
-        assert status(mount)["journal_reserve_bytes"] >= 8 << 20  # whole again
-    finally:
-        mount.stop()
-        mount.kill()
+    expected = (patch * 8)[: len(body) - 800]
+    assert os.pread(fd, len(body), 0) == expected
+    # The space the reserve gave up is taken too: LMDB has no room for a commit, and
+    # the fsync'd journal makes the changes durable instead.
+    fill_to_the_last_page(small_disk / "filler2")
+    os.fsync(fd)
+    os.close(fd)
+    spare.unlink()
+    counts = status(mount)
+    assert counts["journal_reserve_records"] > 0
+    assert counts["journal_fsyncs"] > 0
+    mount.kill()  # the changes are in the journal only: replay must bring them back
+    (small_disk / "filler").unlink()
+    (small_disk / "filler2").unlink()
+    mount.start()
+    assert log_file.read_bytes() == expected
+    assert not spare.exists()
+    assert status(mount)["journal_reserve_bytes"] >= 8 << 20  # whole again
 
 
 def test_a_full_disk_refuses_lock_content_but_never_the_rename_that_installs_it(
-        dirs: Dirs, small_disk: Path) -> None:
+        small_disk_mount: MailfsMount, small_disk: Path) -> None:
     """Dovecot rotates its log by writing dovecot.index.log.newlock and renaming it over
     dovecot.index.log. On ext4 with a full disk the write fails and the rename never does.
     Lock files live in RAM here, so the write used to succeed and the rename, which copies
     the content into the store, failed: Dovecot left the .newlock behind and every later
     session hung on it (seen in bench/disturbance.py)."""
-    state = small_disk / "state"
-    mount = MailfsMount(dirs.backing, dirs.mnt, state, NO_AUTO_COMMIT,
-                        log_path=dirs.state.parent / "small-disk-mailfs.log")
-    mount.start()
+    mount = small_disk_mount
+    root = mount.mountpoint
+    (root / "dovecot.index.log").write_bytes(b"old log" * 1000)
+    (root / "dovecot.index.cache").write_bytes(os.urandom(64 * 1024))
+    (root / "dovecot.index").write_bytes(b"index" * 100)
+    header = os.urandom(112)
+    written_before = root / "dovecot.index.log.newlock"
+    fd = os.open(written_before, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, header)
+    os.close(fd)
+    fill_to_the_last_page(small_disk / "filler")
+    with pytest.raises(OSError) as grown, open(root / "dovecot.index.cache", "ab") as cache:
+        cache.write(os.urandom(256 * 1024))
+        cache.flush()
+    assert grown.value.errno == errno.ENOSPC
+    for size in range(6000, 2000, -500):  # undos: more than the journal's last page
+        os.truncate(root / "dovecot.index.log", size)
+    assert status(mount)["journal_reserve_records"] > 0
+    os.rename(written_before, root / "dovecot.index.log")
+    assert (root / "dovecot.index.log").read_bytes() == header
+    # A lock written now fails like a file on a full disk, and Dovecot drops it...
+    lock = root / "dovecot-uidlist.lock"
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        root = mount.mountpoint
-        (root / "dovecot.index.log").write_bytes(b"old log" * 1000)
-        (root / "dovecot.index.cache").write_bytes(os.urandom(64 * 1024))
-        (root / "dovecot.index").write_bytes(b"index" * 100)
-        header = os.urandom(112)
-        written_before = root / "dovecot.index.log.newlock"
-        fd = os.open(written_before, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, header)
-        os.close(fd)
-        fill_to_the_last_page(small_disk / "filler")
-        with pytest.raises(OSError) as grown, open(root / "dovecot.index.cache", "ab") as cache:
-            cache.write(os.urandom(256 * 1024))
-            cache.flush()
-        assert grown.value.errno == errno.ENOSPC
-        for size in range(6000, 2000, -500):  # undos: more than the journal's last page
-            os.truncate(root / "dovecot.index.log", size)
-        assert status(mount)["journal_reserve_records"] > 0
-        os.rename(written_before, root / "dovecot.index.log")
-        assert (root / "dovecot.index.log").read_bytes() == header
-        # A lock written now fails like a file on a full disk, and Dovecot drops it...
-        lock = root / "dovecot-uidlist.lock"
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with pytest.raises(OSError) as refused:
-                os.write(fd, os.urandom(64 * 1024))
-            assert refused.value.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
-        lock.unlink()
-        # ...unless deletes freed the room, as on ext4 (Dovecot deletes a broken cache).
-        os.unlink(root / "dovecot.index.cache")
-        uidlist = os.urandom(48 * 1024)
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, uidlist)
-        finally:
-            os.close(fd)
-        os.rename(lock, root / "dovecot-uidlist")
-        # mail_index_create_backup() links the index to a temporary name.
-        os.link(root / "dovecot.index", root / "dovecot.index.backup.tmp")
-        os.rename(root / "dovecot.index.backup.tmp", root / "dovecot.index.backup")
-        assert (root / "dovecot.index.backup").read_bytes() == b"index" * 100
-        (small_disk / "filler").unlink()
-        deadline = time.monotonic() + 10
-        while True:  # the mount looks at the disk again at most once a second
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, os.urandom(64 * 1024))
-                break
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC and time.monotonic() < deadline
-                time.sleep(0.2)
-            finally:
-                os.close(fd)
-        lock.unlink()
-        mount.stop()
-        mount.start()
-        assert (root / "dovecot.index.log").read_bytes() == header
-        assert (root / "dovecot-uidlist").read_bytes() == uidlist
-        assert (root / "dovecot.index.backup").read_bytes() == b"index" * 100
+        with pytest.raises(OSError) as refused:
+            os.write(fd, os.urandom(64 * 1024))
+        assert refused.value.errno == errno.ENOSPC
     finally:
-        mount.stop()
-        mount.kill()
+        os.close(fd)
+    lock.unlink()
+    # ...unless deletes freed the room, as on ext4 (Dovecot deletes a broken cache).
+    os.unlink(root / "dovecot.index.cache")
+    uidlist = os.urandom(48 * 1024)
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, uidlist)
+    finally:
+        os.close(fd)
+    os.rename(lock, root / "dovecot-uidlist")
+    # mail_index_create_backup() links the index to a temporary name.
+    os.link(root / "dovecot.index", root / "dovecot.index.backup.tmp")
+    os.rename(root / "dovecot.index.backup.tmp", root / "dovecot.index.backup")
+    assert (root / "dovecot.index.backup").read_bytes() == b"index" * 100
+    (small_disk / "filler").unlink()
+    deadline = time.monotonic() + 10
+    while True:  # the mount looks at the disk again at most once a second
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, os.urandom(64 * 1024))
+            break
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC and time.monotonic() < deadline
+            time.sleep(0.2)
+        finally:
+            os.close(fd)
+    lock.unlink()
+    mount.stop()
+    mount.start()
+    assert (root / "dovecot.index.log").read_bytes() == header
+    assert (root / "dovecot-uidlist").read_bytes() == uidlist
+    assert (root / "dovecot.index.backup").read_bytes() == b"index" * 100
 
 
 def test_overwrites_on_a_full_disk_leave_reserve_for_renames_and_truncates(
-        dirs: Dirs, small_disk: Path) -> None:
+        small_disk_mount: MailfsMount, small_disk: Path) -> None:
     """Every overwrite costs journal space here (none on ext4), and a busy Dovecot
     overwrites its cache tens of thousands of times while a disk is full. Overwrites must
     stop at the reserve's floor, so that renames, truncates and unlinks still work."""
-    state = small_disk / "state"
-    mount = MailfsMount(dirs.backing, dirs.mnt, state, NO_AUTO_COMMIT,
-                        log_path=dirs.state.parent / "small-disk-mailfs.log")
-    mount.start()
+    mount = small_disk_mount
+    root = mount.mountpoint
+    cache = root / "dovecot.index.cache"
+    cache.write_bytes(os.urandom(1 << 20))
+    (root / "dovecot.index.tmp").write_bytes(b"new index")
+    (root / "dovecot.index.log").write_bytes(b"log" * 4000)
+    fill_to_the_last_page(small_disk / "filler")
+    fd = os.open(cache, os.O_RDWR)
+    refused = 0
     try:
-        root = mount.mountpoint
-        cache = root / "dovecot.index.cache"
-        cache.write_bytes(os.urandom(1 << 20))
-        (root / "dovecot.index.tmp").write_bytes(b"new index")
-        (root / "dovecot.index.log").write_bytes(b"log" * 4000)
-        fill_to_the_last_page(small_disk / "filler")
-        fd = os.open(cache, os.O_RDWR)
-        refused = 0
-        try:
-            for round_ in range(300):  # 300 x 64 KiB: far more than the 8 MiB reserve
-                try:
-                    os.pwrite(fd, os.urandom(64 << 10), (round_ % 16) << 16)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC
-                    refused += 1
-        finally:
-            os.close(fd)
-        assert refused > 0, "overwrites took the whole reserve"
-        assert status(mount)["journal_reserve_bytes"] >= (4 << 20) - (256 << 10)
-        os.rename(root / "dovecot.index.tmp", root / "dovecot.index")
-        os.truncate(root / "dovecot.index.log", 100)
-        (root / "dovecot.index.log").unlink()
-        assert (root / "dovecot.index").read_bytes() == b"new index"
-        (small_disk / "filler").unlink()
-        mount.stop()
-        mount.start()
-        assert (root / "dovecot.index").read_bytes() == b"new index"
-        assert not (root / "dovecot.index.log").exists()
+        for round_ in range(300):  # 300 x 64 KiB: far more than the 8 MiB reserve
+            try:
+                os.pwrite(fd, os.urandom(64 << 10), (round_ % 16) << 16)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                refused += 1
     finally:
-        mount.stop()
-        mount.kill()
+        os.close(fd)
+    assert refused > 0, "overwrites took the whole reserve"
+    assert status(mount)["journal_reserve_bytes"] >= (4 << 20) - (256 << 10)
+    os.rename(root / "dovecot.index.tmp", root / "dovecot.index")
+    os.truncate(root / "dovecot.index.log", 100)
+    (root / "dovecot.index.log").unlink()
+    assert (root / "dovecot.index").read_bytes() == b"new index"
+    (small_disk / "filler").unlink()
+    mount.stop()
+    mount.start()
+    assert (root / "dovecot.index").read_bytes() == b"new index"
+    assert not (root / "dovecot.index.log").exists()
 
 
 def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs: Dirs) -> None:
