@@ -27,6 +27,7 @@ for entry in (REPO, REPO / "src"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
+from bench.backing_profile import per_op  # noqa: E402
 from bench.imap_load import LoadConfig, run_load  # noqa: E402
 from bench.run_all import PASSWORD, SETUPS, Side, machine_info, work_dir  # noqa: E402
 from mailfs import cli, control  # noqa: E402
@@ -65,11 +66,6 @@ def summarize(raw: str) -> tuple[int, list[tuple[str, int]], list[tuple[str, int
         for name in set(frames):
             inclusive[name] += count
     return total, own.most_common(TOP), inclusive.most_common(TOP)
-
-
-def per_op(after: dict[str, int], before: dict[str, int], ops: int) -> list[tuple[str, float]]:
-    rows = [(key, (value - before.get(key, 0)) / ops) for key, value in after.items()]
-    return sorted(((k, v) for k, v in rows if v > 0), key=lambda row: -row[1])
 
 
 def main() -> int:
