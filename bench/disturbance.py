@@ -50,6 +50,7 @@ from bench.run_all import PASSWORD, machine_info, work_dir  # noqa: E402
 from bench.soak import (  # noqa: E402
     CORRUPTION,
     SETTLE_SECONDS,
+    fill_to_the_last_page,
     kill_leftovers,
     log_time,
     wait_port_free,
@@ -74,15 +75,6 @@ class Outcome:
     corruption_lines_in_window: int = 0
     corruption_lines_after: int = 0
     samples_after: list[str] = field(default_factory=list)
-
-
-def fill(directory: Path) -> None:
-    """Take every last free page of the filesystem under `directory`."""
-    with open(directory / "filler", "wb", buffering=0) as out:
-        for size in (1 << 20, 4096):
-            with contextlib.suppress(OSError):
-                while True:
-                    out.write(b"\0" * size)
 
 
 @contextlib.contextmanager
@@ -137,7 +129,7 @@ def run_setup(setup: str, fmt: str, root: Path, args: argparse.Namespace) -> Out
             if args.disturbance == "fill":
                 start = time.time()
                 say("index disk full")
-                fill(disk)
+                fill_to_the_last_page(disk / "filler")
                 time.sleep(args.fill_seconds)
                 (disk / "filler").unlink()
                 windows.append((start, time.time()))

@@ -196,10 +196,7 @@ class Soak:
         self.disturbances.append(event)
         filler = node.state_dir / "filler"
         self.log(f"filling node {node.node_id}'s state disk for {self.args.fill_seconds:g} s")
-        with contextlib.suppress(OSError), open(filler, "wb") as out:
-            while True:
-                out.write(b"\0" * (1 << 20))
-                out.flush()
+        fill_to_the_last_page(filler)
         stop.wait(self.args.fill_seconds)
         filler.unlink()
         event.end = time.time()
@@ -292,6 +289,15 @@ class Soak:
             # (A full disk once made 160,000 lines: no list membership tests here.)
             split[node] = {"while disturbed": own, "other": other}
         return split
+
+
+def fill_to_the_last_page(filler: Path) -> None:
+    """Take every last free page of the filesystem that `filler` is made on."""
+    with open(filler, "wb", buffering=0) as out:
+        for size in (1 << 20, 4096):
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(b"\0" * size)
 
 
 def kill_leftovers(base_dir: Path) -> None:
