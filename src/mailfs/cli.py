@@ -57,7 +57,12 @@ def parser() -> argparse.ArgumentParser:
                        ("import", "adopt index files already on the backing path, or "
                                   "(index-only) from --from DIR"),
                        ("export", "write all index files back to the backing path, or "
-                                  "(index-only) to --to DIR")):
+                                  "(index-only) to --to DIR"),
+                       ("owners", "list which node owns each user directory, with epochs"),
+                       ("conflicts", "list this node's versions of files that lost to "
+                                     "another node's takeover"),
+                       ("takeover", "move a user directory to this node (a planned move: "
+                                    "waits until its owner has sent every change)")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("mountpoint", type=Path)
         cmd.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
@@ -74,6 +79,21 @@ def parser() -> argparse.ArgumentParser:
         if name == "export":
             cmd.add_argument("--to", dest="target", type=Path,
                              help="index-only mounts: an existing directory to write into")
+        if name in ("owners", "conflicts"):
+            cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "conflicts":
+            cmd.add_argument("--save", type=Path,
+                             help="write each version's content into this directory")
+            cmd.add_argument("--purge", action="store_true",
+                             help="forget the listed versions (after --save)")
+        if name == "takeover":
+            cmd.add_argument("user", help="the user directory, relative to the mount "
+                                          "(as deep as ownership.depth)")
+            cmd.add_argument("--timeout", type=float, default=30.0,
+                             help="seconds to wait for the owner to show it has sent all")
+            cmd.add_argument("--force", action="store_true",
+                             help="take over even if the owner does not answer (its unsent "
+                                  "changes are then fenced)")
         if name == "flush":
             cmd.add_argument("--timeout", type=float, default=60.0,
                              help="seconds to wait for connected peers to acknowledge")
@@ -221,7 +241,11 @@ def print_status(status: dict[str, Any]) -> None:
         return
     peers = replication.get("peers", {})
     console.print(key_value_table(f"replication: node {replication['node_id']}",
-                                  {k: v for k, v in replication.items() if k != "peers"}))
+                                  {k: v for k, v in replication.items()
+                                   if k not in ("peers", "ownership")}))
+    ownership = replication.get("ownership")
+    if isinstance(ownership, dict):
+        console.print(key_value_table("ownership of user directories", ownership))
     columns = {"connected": "out", "incoming_connected": "in", "acked_seq": "acked",
                "lag_changes": "lag", "lag_seconds": "lag s", "unacked_log_bytes": "unacked",
                "snapshot": "snapshot", "last_error": "last error"}
@@ -296,6 +320,61 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_owners(args: argparse.Namespace) -> int:
+    result = control.call(socket_path(args), "owners")
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"owners seen by node {result['node_id']} (policy "
+                        f"{result['policy']}, depth {result['depth']})")
+    for column in ("user", "owner", "epoch", "since (UTC)", "lost here"):
+        table.add_column(column)
+    for owner in result["owners"]:
+        table.add_row(owner["user"], owner["node"], str(owner["epoch"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(owner["since"])),
+                      "yes: writes refused" if owner["lost_here"] else "")
+    Console().print(table)
+    return 0
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {"purge": args.purge}
+    if args.save is not None:
+        extra["save"] = str(args.save.absolute())
+    result = control.call(socket_path(args), "conflicts", **extra)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="versions on this node that lost to a takeover")
+    for column in ("when (UTC)", "user", "path", "bytes", "lost to", "epoch"):
+        table.add_column(column, overflow="fold")
+    for version in result["versions"]:
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(version["when"])),
+                      version["user"], version["path"], str(version["bytes"]),
+                      version["winner"], str(version["epoch"]))
+    Console().print(table)
+    if result["saved"]:
+        print(f"saved {len(result['saved'])} versions into {args.save}")
+    if result["purged"]:
+        print(f"forgot {result['purged']} versions")
+    return 0
+
+
+def cmd_takeover(args: argparse.Namespace) -> int:
+    result = control.call(socket_path(args), "takeover", timeout=args.timeout + 60,
+                          user=args.user, wait=args.timeout, force=args.force)
+    before = result["previous_owner"] or "nobody"
+    print(f"{result['user']} is owned by this node now (epoch {result['epoch']}, "
+          f"was {before})")
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     path = socket_path(args)
     try:
@@ -335,7 +414,8 @@ def is_zombie(pid: int) -> bool:
 
 
 COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "flush": cmd_flush,
-            "status": cmd_status, "import": cmd_import, "export": cmd_export}
+            "status": cmd_status, "import": cmd_import, "export": cmd_export,
+            "owners": cmd_owners, "conflicts": cmd_conflicts, "takeover": cmd_takeover}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

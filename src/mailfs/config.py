@@ -131,6 +131,11 @@ class Config:
     reconnect_interval: float = 1.0
     # Local changes wait this long while a peer's snapshot is installed, then get EAGAIN.
     install_wait: float = 30.0
+    # Each user directory (the first `ownership_depth` path components; 0: no ownership)
+    # has one owner node; see cachemgr/ownership.py. "availability": any node may take a
+    # user over; "consistency": no writes without a majority of the cluster.
+    ownership_depth: int = 1
+    ownership_policy: str = "availability"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def control_socket(self) -> Path:
@@ -149,7 +154,7 @@ def control_socket_for(run_dir: Path, mountpoint: Path) -> Path:
     return run_dir / f"{name}-{tag}.sock"
 
 
-# TOML layout: [mount] [cache] [commit] [backing] [classify] [log] [replication]
+# TOML layout: [mount] [cache] [commit] [backing] [classify] [log] [replication] [ownership]
 SECTIONS: dict[str, dict[str, str]] = {
     "mount": {"mode": "choice", "backing": "path", "mountpoint": "path", "state_dir": "path",
               "run_dir": "path",
@@ -165,6 +170,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                     "durability": "choice", "quorum": "count", "sync_timeout": "seconds",
                     "log_limit": "size", "reconnect_interval": "seconds",
                     "install_wait": "seconds"},
+    "ownership": {"depth": "count", "policy": "choice"},
 }
 
 RENAMES = {
@@ -174,12 +180,15 @@ RENAMES = {
     ("backing", "timeout"): "backing_timeout",
     ("backing", "inodes"): "backing_inodes",
     ("log", "level"): "log_level",
+    ("ownership", "depth"): "ownership_depth",
+    ("ownership", "policy"): "ownership_policy",
 }
 
 LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 # Allowed values of "choice" keys, by field name.
 CHOICES = {"durability": ("async", "sync"), "mode": ("full", "index-only"),
-           "backing_inodes": ("auto", "stable", "unstable")}
+           "backing_inodes": ("auto", "stable", "unstable"),
+           "ownership_policy": ("availability", "consistency")}
 
 
 def convert(kind: str, key: str, value: object, name: str = "") -> object:

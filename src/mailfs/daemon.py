@@ -24,6 +24,7 @@ import trio
 from mailfs import __version__, mounts
 from mailfs.cachemgr.backing import Backing, filesystem_type, stable_inodes
 from mailfs.cachemgr.metastore import MetaStore
+from mailfs.cachemgr.ownership import LosingVersion
 from mailfs.config import Config
 from mailfs.control import ControlServer
 from mailfs.errors import UserError, ensure_directory
@@ -33,11 +34,13 @@ from mailfs.fs.core import MailFS, Timeouts
 from mailfs.fs.indexonly import IndexOnlyFS
 from mailfs.fs.operations import ERROR_REPLIES, REQUESTS, Operations
 from mailfs.replication.identity import node_namespace
+from mailfs.replication.replicator import Replicator
 from mailfs.replication.service import Replication
 
 log = logging.getLogger(__name__)
 
 FLUSH_PEER_TIMEOUT = 60.0
+TAKEOVER_WAIT = 30.0
 # `flush --caches` waits this long for the kernel to take the invalidations (a stalled
 # backing store can hold some up; status and the reply say how many are still pending).
 DROP_CACHES_WAIT = 30.0
@@ -96,6 +99,7 @@ class Daemon:
             namespace=node_namespace(config.node_id) if config.replication_enabled else 0,
             replicating=config.replication_enabled, log_limit=config.log_limit,
             dirs_stored=config.mode == "index-only",
+            ownership_depth=config.ownership_depth,
         )
         self.index_only = config.mode == "index-only"
         self.backing_fs_type = ""
@@ -224,6 +228,45 @@ class Daemon:
     async def _status(self, _request: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
+    def _replicator(self) -> Replicator:
+        if self.replication is None:
+            raise UserError("this mount has no replication peers: nothing is owned")
+        return self.replication.replicator
+
+    async def _owners(self, _request: dict[str, Any]) -> dict[str, Any]:
+        replicator = self._replicator()
+        return {"node_id": replicator.node_id, "policy": replicator.policy,
+                "depth": self.store.ownership_depth, "owners": self.store.owner_list()}
+
+    async def _conflicts(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._replicator()
+        versions = self.store.losing_versions()
+        target = request.get("save")
+        saved = []
+        if target is not None:
+            if not isinstance(target, str) or not os.path.isdir(target):
+                raise UserError("conflicts --save needs an existing directory")
+            if mounts_inside(target, self.config.mountpoint):
+                raise UserError("conflicts --save must not be inside the mount itself")
+            saved = await trio.to_thread.run_sync(save_losing_versions, target, versions)
+        purged = self.store.purge_losing_versions() if request.get("purge") else 0
+        return {"versions": [version_summary(v) for v in versions], "saved": saved,
+                "purged": purged}
+
+    async def _takeover(self, request: dict[str, Any]) -> dict[str, Any]:
+        replicator = self._replicator()
+        user = request.get("user")
+        if not isinstance(user, str) or not user:
+            raise UserError("takeover needs a user directory")
+        timeout = float(request.get("wait", TAKEOVER_WAIT))
+        try:
+            result = await replicator.take_over(os.fsencode(user.strip("/")), timeout,
+                                                bool(request.get("force")))
+        except OSError as exc:
+            raise UserError(f"takeover of {user} failed: {exc.strerror or exc}") from None
+        await self.store.sync()
+        return result
+
     async def _import(self, request: dict[str, Any]) -> dict[str, Any]:
         source = request.get("from")
         if isinstance(self.fs, IndexOnlyFS):
@@ -262,6 +305,7 @@ class Daemon:
             "status": self._status, "flush": self._flush,
             "import": self._import, "export": self._export,
             "unmount_check": self._unmount_check,
+            "owners": self._owners, "conflicts": self._conflicts, "takeover": self._takeover,
         })
         async with trio.open_nursery() as nursery:
             if not self.index_only:
@@ -292,6 +336,36 @@ class Daemon:
                     log.error("commit before unmounting failed (%s); the journal keeps the "
                               "changes for the next mount", exc)
                 pyfuse3.terminate()
+
+
+def version_summary(version: LosingVersion) -> dict[str, Any]:
+    return {"user": version.user.decode(errors="replace"),
+            "path": version.path.decode(errors="replace"), "fid": f"{version.fid:#x}",
+            "version": f"{version.version:#x}", "bytes": len(version.content),
+            "winner": version.winner, "epoch": version.epoch,
+            "when": version.time_ns / 1e9, "name": saved_name(version)}
+
+
+def saved_name(version: LosingVersion) -> str:
+    """A file name for a losing version: when, the user, the path, the file id."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(version.time_ns / 1e9))
+    path = version.path.decode(errors="replace").replace("/", "_")
+    return f"{stamp}-epoch{version.epoch}-{path}-{version.fid:x}"[:250]
+
+
+def save_losing_versions(target: str, versions: list[LosingVersion]) -> list[str]:
+    """Write each version to `target` (never over an existing file); returns the paths."""
+    written = []
+    for version in versions:
+        path = os.path.join(target, saved_name(version))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as out:
+            out.write(version.content)
+        written.append(path)
+    return written
 
 
 def mounts_inside(path: str, mountpoint: Path) -> bool:

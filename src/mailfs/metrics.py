@@ -24,6 +24,9 @@ class StatusCollector(Collector):
         replication = status.get("replication")
         if isinstance(replication, dict):
             yield from numeric_gauges("mailfs_replication_", replication)
+            ownership = replication.get("ownership")
+            if isinstance(ownership, dict):
+                yield from numeric_gauges("mailfs_ownership_", ownership)
             yield from peer_gauges(replication.get("peers", {}))
 
 

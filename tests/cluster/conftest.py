@@ -21,8 +21,9 @@ def make_cluster() -> Iterator[MakeCluster]:
     made: list[Cluster] = []
 
     def make(size: int = 3, options: dict[str, str] | None = None,
-             start: bool = True, index_only: bool = False) -> Cluster:
-        cluster = Cluster(size, options, index_only=index_only)
+             start: bool = True, index_only: bool = False,
+             partitionable: bool = False) -> Cluster:
+        cluster = Cluster(size, options, index_only=index_only, partitionable=partitionable)
         made.append(cluster)
         if start:
             # From a steady state: nobody writes before every stream is up.

@@ -23,6 +23,7 @@ import trustme
 
 from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE, Classifier
 from tests.rigs.mount import MailfsMount, force_unmount, is_mounted, run_cli
+from tests.rigs.partition import SeverableLink
 
 CONVERGE_TIMEOUT = 30.0
 
@@ -77,7 +78,7 @@ class Node:
         self.options: dict[str, str] = {}
 
     def args(self) -> list[str]:
-        peers = ";".join(f"{n.node_id}@127.0.0.1:{n.port}"
+        peers = ";".join(f"{n.node_id}@127.0.0.1:{self.cluster.port_to(self, n)}"
                          for n in self.cluster.nodes if n is not self)
         options = {
             "node_id": self.node_id, "cluster": "test", "listen": f"127.0.0.1:{self.port}",
@@ -136,7 +137,8 @@ class Cluster:
     """N nodes over one backing directory; everything is taken down by close()."""
 
     def __init__(self, size: int = 3, options: dict[str, str] | None = None,
-                 base: Path | None = None, index_only: bool = False) -> None:
+                 base: Path | None = None, index_only: bool = False,
+                 partitionable: bool = False) -> None:
         self.index_only = index_only  # no backing: directories are replicated too
         self.base = base or Path(tempfile.mkdtemp(prefix="mailfs-cluster-"))
         self.base.chmod(0o755)
@@ -148,6 +150,28 @@ class Cluster:
         self.nodes: list[Node] = []
         for node_id, port in zip("abcdefgh"[:size], free_ports(size), strict=True):
             self.nodes.append(Node(self, node_id, port))
+        # (from, to) -> the forwarder `from` reaches `to` through (partition tests)
+        self.links: dict[tuple[str, str], SeverableLink] = {}
+        if partitionable:
+            for source in self.nodes:
+                for target in self.nodes:
+                    if source is not target:
+                        self.links[source.node_id, target.node_id] = SeverableLink(target.port)
+
+    def port_to(self, source: Node, target: Node) -> int:
+        link = self.links.get((source.node_id, target.node_id))
+        return target.port if link is None else link.port
+
+    def partition(self, *groups: Sequence[Node]) -> None:
+        """Cut every link between nodes of different groups (both directions)."""
+        group_of = {node.node_id: index for index, group in enumerate(groups) for node in group}
+        for (source, target), link in self.links.items():
+            if group_of.get(source) != group_of.get(target):
+                link.sever()
+
+    def heal(self) -> None:
+        for link in self.links.values():
+            link.restore()
 
     def __getitem__(self, index: int) -> Node:
         return self.nodes[index]
@@ -177,6 +201,8 @@ class Cluster:
         """Kill and unmount every node, even when one of them fails to go; then remove the
         temp dir (never through a mount that is still there)."""
         errors: list[BaseException] = []
+        for link in self.links.values():
+            link.close()
         for node in self.nodes:
             for step in (node.kill, partial(force_unmount, node.mountpoint)):
                 try:

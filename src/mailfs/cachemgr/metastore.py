@@ -13,6 +13,9 @@ LMDB layout (named databases):
     replog   seq(u64 BE)                  -> u64 base version + encoded record: this
                                              node's own changes, kept for peers until
                                              every peer has acknowledged them
+    owners   user dirpath                 -> packed ownership.Owner (its node and epoch)
+    conflicts u64 BE time + fid + user     -> a losing version kept for the admin
+                                             (conflicts.py), local to this node
     meta     b"seq", b"next_fid", b"epoch", b"replog_bytes", b"running" -> u64;
              b"boot_id" -> the machine's boot id at mount (machine-crash detection);
              b"applied:" + origin node id -> u64, the last seq of that origin applied here
@@ -48,6 +51,22 @@ import lmdb
 import trio
 
 from mailfs.cachemgr.journal import Journal
+from mailfs.cachemgr.ownership import (
+    DATA_PIECE,
+    FID_OPS,
+    UNOWNED_OPS,
+    LosingVersion,
+    ManifestEntry,
+    Owner,
+    OwnershipStats,
+    content_digest,
+    pack_manifest,
+    pack_seq_map,
+    record_dirpaths,
+    unpack_manifest,
+    unpack_seq_map,
+    user_of,
+)
 from mailfs.cachemgr.records import (
     ATTRS,
     MAX_KEY,
@@ -89,6 +108,7 @@ VERSIONED_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK})
 CREATING_OPS = frozenset({Op.CREATE, Op.PUT})
 
 Overlay = dict[tuple[bytes, bytes], bytes | None]
+NO_ATTRS = Attrs(0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def _blocks_end(size: int) -> int:
@@ -121,6 +141,8 @@ def size_problem(record: Record) -> str | None:
         end = f[1]  # type: ignore[assignment]
     elif record.op is Op.PUT:
         end = len(f[4])  # type: ignore[arg-type]
+    elif record.op is Op.OWN_DATA:
+        end = f[2] + len(f[3])  # type: ignore[operator,arg-type]
     else:
         return None
     if end > MAX_FILE_SIZE:
@@ -219,6 +241,7 @@ class MetaStore:
         replicating: bool = False,
         log_limit: int = 256 << 20,
         dirs_stored: bool = False,
+        ownership_depth: int = 0,
     ) -> None:
         self.state_dir = state_dir
         # Index-only mounts keep directories here too; their times follow their entries.
@@ -235,7 +258,7 @@ class MetaStore:
         # sync=True on every commit: LMDB must never be left corrupt by a machine crash,
         # and group commit already keeps the number of fsyncs low.
         self.env = lmdb.open(
-            str(state_dir / "lmdb"), map_size=map_size, max_dbs=8, sync=True,
+            str(state_dir / "lmdb"), map_size=map_size, max_dbs=16, sync=True,
             metasync=True, readahead=False, lock=True,
         )
         self.db_files = self.env.open_db(b"files")
@@ -244,9 +267,22 @@ class MetaStore:
         self.db_orphans = self.env.open_db(b"orphans")
         self.db_meta = self.env.open_db(b"meta")
         self.db_replog = self.env.open_db(b"replog")
+        self.db_owners = self.env.open_db(b"owners")
+        self.db_conflicts = self.env.open_db(b"conflicts")
         self.dbs = {
             b"names": self.db_names, b"orphans": self.db_orphans, b"meta": self.db_meta,
+            b"owners": self.db_owners, b"conflicts": self.db_conflicts,
         }
+        # Ownership of user directories (ownership.py); 0: off (no peers, or configured).
+        self.ownership_depth = ownership_depth if replicating else 0
+        self.owners: dict[bytes, Owner] = {}
+        self.fid_users: dict[int, bytes] = {}  # which user directory each file is in
+        self.ownership = OwnershipStats()
+        # Set by replication: why this node may not write now (the consistency policy
+        # without a majority), or None.
+        self.write_refusal: Callable[[], str | None] = lambda: None
+        self._refusal_logged = -1e9
+        self._fence_logged = -1e9
         self.pending: Overlay = {}
         self.committing: Overlay = {}
         self.files: OrderedDict[int, StoredFile] = OrderedDict()
@@ -280,6 +316,7 @@ class MetaStore:
             self.replog_bytes = self._meta_int(txn, b"replog_bytes")
             self.replog_first = self._first_logged(txn)
             self.committed_applied = self._read_applied(txn)
+        self._load_ownership()
         if next_fid == 0 or fid_namespace(next_fid) != namespace:
             # A new namespace (first start, or replication turned on): count from 1 in it.
             next_fid = make_fid(namespace, 1)
@@ -537,6 +574,8 @@ class MetaStore:
     def _log(self, op: Op, *fields: Field, space_neutral: bool = False) -> None:
         if self.installing:
             raise OSError(errno.EAGAIN, "a snapshot from a peer is being installed")
+        if self.ownership_depth and op not in UNOWNED_OPS:
+            self._claim(self._users_touched(op, fields))
         self._append(op, *fields, space_neutral=space_neutral)
 
     def _append(self, op: Op, *fields: Field, space_neutral: bool = False) -> None:
@@ -599,6 +638,8 @@ class MetaStore:
             return None  # resent after a reconnect; already here
         if seq != last + 1:
             raise SeqGap(f"change {seq} of {origin!r} does not follow {last}")
+        if record.op is Op.OWN and record.fields[1] != origin.encode():
+            raise ValueError(f"{origin!r} sent a takeover in the name of {record.fields[1]!r}")
         if self.installing:
             raise SeqGap("a snapshot is being installed")
         problem = size_problem(record)
@@ -627,18 +668,21 @@ class MetaStore:
 
     def _apply_remote(self, origin: str, origin_namespace: int, seq: int, base_version: int,
                       record: Record) -> str | None:
-        conflict = self._conflict(record, base_version)
-        if conflict is None and record.op is Op.DROP:
-            self._drop_if_unused(record.fields[0])  # type: ignore[arg-type]
-        elif conflict is None:
-            self.newly_orphaned = []
-            self._apply(record)
-            self._set_version(record, make_version(origin_namespace, seq))
-            for fid in self.newly_orphaned:
-                self._drop_if_unused(fid)
-        else:
-            self.stats.conflicts += 1
-            self.stats.last_conflict = f"{origin} seq {seq}: {conflict}"
+        conflict = None
+        if self._fenced(origin, seq, record) is None:
+            conflict = self._conflict(record, base_version)
+            if conflict is None and record.op is Op.DROP:
+                self._drop_if_unused(record.fields[0])  # type: ignore[arg-type]
+            elif conflict is None:
+                self.newly_orphaned = []
+                self._apply(record, origin)
+                self._set_version(record, make_version(origin_namespace, seq))
+                for fid in self.newly_orphaned:
+                    self._drop_if_unused(fid)
+            else:
+                self.stats.conflicts += 1
+                self.stats.last_conflict = f"{origin} seq {seq}: {conflict}"
+        # A fenced change is refused, counted and logged; the origin's seq advances anyway.
         if record.op is Op.SKIP:
             seq = max(seq, record.fields[0])  # type: ignore[type-var,assignment]
         self.applied[origin] = seq
@@ -689,6 +733,314 @@ class MetaStore:
             path = (dirpath + b"/" + name).decode(errors="replace")
             return f"CREATE of {path}, which names file {existing:#x} here"
         return None
+
+    # ---------------------------------------------------------------- ownership
+
+    def _load_ownership(self) -> None:
+        """The owners table, and which user directory each file is in (for fencing a
+        change that names only a file id), from LMDB: at start, and after a snapshot."""
+        self.owners = {}
+        self.fid_users = {}
+        if not self.ownership_depth:
+            return
+        with self.env.begin() as txn:
+            for key, value in txn.cursor(db=self.db_owners):
+                self.owners[bytes(key)] = Owner.unpack(bytes(value))
+            for key, value in txn.cursor(db=self.db_names):
+                if value:
+                    user = user_of(bytes(key).partition(SEP)[0], self.ownership_depth)
+                    if user is not None:
+                        self.fid_users[int(FID.unpack(value)[0])] = user
+
+    def user_of(self, dirpath: bytes) -> bytes | None:
+        return user_of(dirpath, self.ownership_depth)
+
+    def _users_touched(self, op: Op, fields: tuple[Field, ...]) -> set[bytes]:
+        users = set()
+        for dirpath in record_dirpaths(op, fields):
+            user = user_of(dirpath, self.ownership_depth)
+            if user is not None:
+                users.add(user)
+        if op in FID_OPS:
+            user = self.fid_users.get(fields[0])  # type: ignore[arg-type]
+            if user is not None:
+                users.add(user)
+        return users
+
+    def _claim(self, users: set[bytes]) -> None:
+        """Before a local change to these users' files: take over each one this node does
+        not own, or refuse (EROFS) where it may not."""
+        if not users:
+            return
+        refusal = self.write_refusal()
+        for user in sorted(users):
+            owner = self.owners.get(user)
+            if owner is not None and owner.lost:
+                self._refuse(user, f"node {owner.node} took it over (epoch {owner.epoch}); "
+                                   "'mailfs takeover' moves it back here")
+            if refusal is not None:
+                self._refuse(user, refusal)
+            if owner is None or owner.node != self.node_id:
+                self._take_over(user)
+
+    def _refuse(self, user: bytes, reason: str) -> None:
+        self.ownership.refused_writes += 1
+        text = f"write to user {user.decode(errors='replace')} refused: {reason}"
+        self.ownership.last_refused = text
+        if time.monotonic() - self._refusal_logged > 10:
+            self._refusal_logged = time.monotonic()
+            log.error("%s (%d refused so far)", text, self.ownership.refused_writes)
+        raise OSError(errno.EROFS, text)
+
+    def take_over(self, user: bytes) -> Owner:
+        """An admin's takeover (`mailfs takeover`), also of a user this node lost."""
+        if not self.ownership_depth:
+            raise OSError(errno.EINVAL, "ownership is off (no peers, or ownership.depth = 0)")
+        if user_of(user, self.ownership_depth) != user:
+            raise OSError(errno.EINVAL, f"{user!r} is not a user directory at depth "
+                                        f"{self.ownership_depth}")
+        if self.installing:
+            raise OSError(errno.EAGAIN, "a snapshot from a peer is being installed")
+        owner = self.owners.get(user)
+        if owner is not None and owner.node == self.node_id and not owner.lost:
+            return owner
+        refusal = self.write_refusal()
+        if refusal is not None:
+            raise OSError(errno.EROFS, refusal)
+        return self._take_over(user)
+
+    def _take_over(self, user: bytes) -> Owner:
+        """Journal a takeover: the user's whole state here, which every node adopts."""
+        entries, files = self._manifest(user)
+        needed = sum(stored.size for stored in files.values())
+        if needed:
+            # Half a takeover would leave peers with zeros where the content goes.
+            vfs = os.statvfs(self.state_dir)
+            if vfs.f_bavail * vfs.f_frsize < needed + (16 << 20):
+                raise OSError(errno.ENOSPC, "no room in the state dir for a takeover")
+        current = self.owners.get(user)
+        epoch = (current.epoch if current is not None else 0) + 1
+        self._append(Op.OWN, user, self.node_id.encode(), epoch, time.time_ns(),
+                     pack_seq_map(dict(self.applied)), pack_manifest(entries))
+        for fid, stored in files.items():
+            for offset in range(0, stored.size, DATA_PIECE):
+                self._append(Op.OWN_DATA, fid, stored.version, offset,
+                             bytes(stored.content[offset:offset + DATA_PIECE]))
+        return self.owners[user]
+
+    def _manifest(self, user: bytes) -> tuple[list[ManifestEntry], dict[int, StoredFile]]:
+        entries: list[ManifestEntry] = []
+        files: dict[int, StoredFile] = {}
+        digests: dict[int, int] = {}
+        for key, value in sorted(self._names_under(user).items()):
+            dirpath, _, name = key.partition(SEP)
+            if not value:
+                entries.append(ManifestEntry(dirpath, name, 0, 0, 0, NO_ATTRS))
+                continue
+            fid = int(FID.unpack(value)[0])
+            try:
+                stored = files.get(fid) or self.get(fid)
+            except FileNotFoundError:
+                continue
+            files[fid] = stored
+            if fid not in digests:
+                digests[fid] = content_digest(stored.content)
+            entries.append(ManifestEntry(dirpath, name, fid, stored.version, digests[fid],
+                                         stored.attrs.copy()))
+        return entries, files
+
+    def _apply_takeover(self, record: Record, origin: str) -> None:
+        user, node_raw, epoch, time_ns, covered, manifest = record.fields
+        assert isinstance(user, bytes) and isinstance(node_raw, bytes)
+        assert isinstance(epoch, int) and isinstance(time_ns, int)
+        assert isinstance(covered, bytes) and isinstance(manifest, bytes)
+        new = Owner(node_raw.decode(), epoch, time_ns, unpack_seq_map(covered))
+        current = self.owners.get(user)
+        shown = user.decode(errors="replace")
+        if current is not None and new.rank() <= current.rank():
+            # Two takeovers of one user: (epoch, node) decides, alike on every node.
+            self.ownership.stale_takeovers += 1
+            log.warning("takeover of %s by %s (epoch %d) ignored: %s took it at epoch %d",
+                        shown, new.node, epoch, current.node, current.epoch)
+            return
+        if new.node != self.node_id:
+            new.lost = current is not None and (current.lost or current.node == self.node_id)
+            self._adopt(user, unpack_manifest(manifest), new)
+        self.owners[user] = new
+        self._set(b"owners", user, new.pack())
+        self.ownership.takeovers += 1
+        self.ownership.last_takeover = (
+            f"{shown}: {current.node if current else 'nobody'} -> {new.node}, epoch {epoch}")
+        if current is not None and current.node != new.node:
+            log.warning("user %s taken over by %s (epoch %d) from %s", shown, new.node,
+                        epoch, current.node)
+
+    def _adopt(self, user: bytes, entries: list[ManifestEntry], owner: Owner) -> None:
+        """Make the user's files here exactly the manifest's; their content follows in
+        OWN_DATA records. What differs here is kept as a losing version."""
+        wanted: dict[bytes, bytes] = {}
+        by_fid: dict[int, list[ManifestEntry]] = {}
+        for entry in entries:
+            key = name_key(entry.dirpath, entry.name)
+            if entry.fid:
+                wanted[key] = FID.pack(entry.fid)
+                by_fid.setdefault(entry.fid, []).append(entry)
+            elif not entry.name:
+                wanted[key] = IMPORTED
+        current = self._names_under(user)
+        unbound: dict[int, list[bytes]] = {}
+        for key, value in current.items():
+            if wanted.get(key) != value:
+                self._set(b"names", key, None)
+                if value:
+                    unbound.setdefault(int(FID.unpack(value)[0]), []).append(key)
+        for fid, names in by_fid.items():
+            self._adopt_file(user, fid, names, owner, unbound.get(fid, []))
+        for key, value in wanted.items():
+            if current.get(key) != value:
+                self._set(b"names", key, value)
+        for fid, keys in unbound.items():
+            if fid in by_fid:
+                continue
+            try:
+                stored = self.get(fid)
+            except FileNotFoundError:
+                continue
+            self._keep_losing(user, keys[0], stored, owner)
+            stored.attrs.nlink = max(0, stored.attrs.nlink - len(keys))
+            self._touch(stored)
+            if stored.attrs.nlink == 0:
+                self._set(b"orphans", FID.pack(fid), b"")
+                self.newly_orphaned.append(fid)
+
+    def _adopt_file(self, user: bytes, fid: int, names: list[ManifestEntry], owner: Owner,
+                    old_keys: list[bytes]) -> None:
+        entry = names[0]
+        attrs = entry.attrs.copy()
+        attrs.nlink = len(names)
+        try:
+            stored: StoredFile | None = self.get(fid)
+        except FileNotFoundError:
+            stored = None
+        self._set(b"orphans", FID.pack(fid), None)
+        self.fid_users[fid] = user
+        if (stored is not None and stored.version == entry.version
+                and stored.size == attrs.size and content_digest(stored.content) == entry.digest):
+            if stored.attrs != attrs:
+                stored.attrs = attrs
+                self._touch(stored)
+            return
+        if stored is None:
+            self.drops.discard(fid)
+            stored = StoredFile(fid, attrs, bytearray(attrs.size), version=entry.version)
+            self._cache(stored)
+            self._dirty_range(stored, 0, attrs.size)
+            if fid_namespace(fid) == self.namespace:
+                self.next_fid = max(self.next_fid, fid + 1)
+            return
+        self._keep_losing(user, old_keys[0] if old_keys else
+                          name_key(entry.dirpath, entry.name), stored, owner, entry.digest)
+        old_size = stored.size
+        stored.content[:] = bytes(attrs.size)  # the owner's OWN_DATA records fill it
+        stored.attrs = attrs
+        stored.version = entry.version
+        self._resize(stored, old_size)
+        self._dirty_range(stored, 0, max(old_size, attrs.size))
+
+    def _keep_losing(self, user: bytes, key: bytes, stored: StoredFile, owner: Owner,
+                     winning_digest: int | None = None) -> None:
+        if winning_digest is not None and content_digest(stored.content) == winning_digest:
+            return  # only attributes differ: no content is lost
+        dirpath, _, name = key.partition(SEP)
+        losing = LosingVersion(user, dirpath + b"/" + name, stored.fid, stored.version,
+                               owner.node, owner.epoch, owner.time_ns, stored.attrs.copy(),
+                               bytes(stored.content))
+        self._set(b"conflicts", losing.key(), losing.pack())
+        self.ownership.losing_versions += 1
+        log.warning("user %s: this node's version of %s (%d bytes) lost to %s's takeover "
+                    "(epoch %d); kept, see 'mailfs conflicts'", user.decode(errors="replace"),
+                    losing.path.decode(errors="replace"), stored.size, owner.node, owner.epoch)
+
+    def _apply_own_data(self, record: Record, origin: str) -> None:
+        fid, version, offset, data = record.fields
+        assert isinstance(fid, int) and isinstance(version, int)
+        assert isinstance(offset, int) and isinstance(data, bytes)
+        try:
+            stored = self.get(fid)
+        except FileNotFoundError:
+            return
+        owner = self.owners.get(self.fid_users.get(fid, b""))
+        if owner is None or owner.node != origin or stored.version != version:
+            return  # a takeover that lost to another one, or content already replaced
+        end = min(offset + len(data), stored.size)
+        if end > offset and stored.content[offset:end] != data[:end - offset]:
+            stored.content[offset:end] = data[:end - offset]
+            self._dirty_range(stored, offset, end)
+
+    def _fenced(self, origin: str, seq: int, record: Record) -> str | None:
+        """Why a peer's change must not be applied: its origin does not own the user
+        (or the owner's takeover already carries it: then the empty string)."""
+        if (not self.ownership_depth or record.op in UNOWNED_OPS
+                or record.op in (Op.OWN, Op.OWN_DATA)):
+            return None
+        for user in sorted(self._users_touched(record.op, record.fields)):
+            owner = self.owners.get(user)
+            if owner is None or owner.node == origin:
+                continue
+            if seq <= owner.covered.get(origin, 0):
+                self.ownership.covered_changes += 1
+                return ""
+            reason = (f"{record.op.name} of user {user.decode(errors='replace')}, which "
+                      f"{owner.node} owns since epoch {owner.epoch}")
+            self.ownership.fenced_changes += 1
+            self.ownership.last_fenced = f"{origin} seq {seq}: {reason}"
+            if time.monotonic() - self._fence_logged > 10:
+                self._fence_logged = time.monotonic()
+                log.error("FENCED: change %d of %s not applied: %s (%d fenced so far)", seq,
+                          origin, reason, self.ownership.fenced_changes)
+            return reason
+        return None
+
+    def user_names(self, user: bytes) -> set[tuple[bytes, bytes]]:
+        """(dirpath, name) of every name under a user directory (for invalidation)."""
+        return {(key.partition(SEP)[0], key.partition(SEP)[2])
+                for key, value in self._names_under(user).items() if value}
+
+    def owner_list(self) -> list[dict[str, object]]:
+        return [{"user": user.decode(errors="replace"), "node": owner.node,
+                 "epoch": owner.epoch, "since": owner.time_ns / 1e9,
+                 "here": owner.node == self.node_id, "lost_here": owner.lost}
+                for user, owner in sorted(self.owners.items())]
+
+    def losing_versions(self) -> list[LosingVersion]:
+        return [LosingVersion.unpack(value) for _, value in sorted(
+            self._scan(b"conflicts", b"").items())]
+
+    def purge_losing_versions(self) -> int:
+        keys = list(self._scan(b"conflicts", b""))
+        for key in keys:
+            self._set(b"conflicts", key, None)
+        self._wake.set()
+        return len(keys)
+
+    def ownership_status(self) -> dict[str, object]:
+        stats = self.ownership
+        return {
+            "depth": self.ownership_depth,
+            "users": len(self.owners),
+            "owned_here": sum(o.node == self.node_id for o in self.owners.values()),
+            "lost_here": sum(o.lost for o in self.owners.values()),
+            "max_epoch": max((o.epoch for o in self.owners.values()), default=0),
+            "takeovers": stats.takeovers,
+            "last_takeover": stats.last_takeover,
+            "stale_takeovers": stats.stale_takeovers,
+            "fenced_changes": stats.fenced_changes,
+            "last_fenced": stats.last_fenced,
+            "covered_changes": stats.covered_changes,
+            "refused_writes": stats.refused_writes,
+            "last_refused": stats.last_refused,
+            "conflict_versions": len(self._scan(b"conflicts", b"")),
+        }
 
     def request_commit(self) -> None:
         self._wake.set()
@@ -793,9 +1145,14 @@ class MetaStore:
 
     # ---------------------------------------------------------------- apply
 
-    def _apply(self, record: Record) -> None:
+    def _apply(self, record: Record, origin: str = "") -> None:
+        """`origin`: the peer whose change this is; empty for this node's own."""
         f = record.fields
         match record.op:
+            case Op.OWN:
+                self._apply_takeover(record, origin or self.node_id)
+            case Op.OWN_DATA:
+                self._apply_own_data(record, origin or self.node_id)
             case Op.CREATE:
                 self._apply_put(f[0], f[1], f[2], f[3], b"")  # type: ignore[arg-type]
             case Op.PUT:
@@ -847,6 +1204,10 @@ class MetaStore:
         key = name_key(dirpath, name)
         old = self._get(b"names", key)
         self._set(b"names", key, FID.pack(fid))
+        if self.ownership_depth:
+            user = user_of(dirpath, self.ownership_depth)
+            if user is not None:
+                self.fid_users[fid] = user
         if old:
             self._lose_link(int(FID.unpack(old)[0]), ctime_ns)
         self._dir_changed(dirpath, ctime_ns)
@@ -956,6 +1317,10 @@ class MetaStore:
             moved = new + key[len(old):]
             if len(moved) <= MAX_KEY:
                 self._set(b"names", moved, value)
+                if self.ownership_depth and value and value != IMPORTED:
+                    user = user_of(moved.partition(SEP)[0], self.ownership_depth)
+                    if user is not None:
+                        self.fid_users[int(FID.unpack(value)[0])] = user
             elif value and value != IMPORTED:
                 # Refused where it was made (check_rename_dir); from a peer of an older
                 # version, the name is dropped, and its file with it once unused.
@@ -970,6 +1335,7 @@ class MetaStore:
             self.journal.note_freed(_blocks_end(stored.size))
         self.dirty_fids.discard(fid)
         self.drops.add(fid)
+        self.fid_users.pop(fid, None)
         self._set(b"orphans", FID.pack(fid), None)
 
     # ---------------------------------------------------------------- commit
@@ -1256,6 +1622,7 @@ class MetaStore:
                 self.drops.clear()
                 self.pending.clear()
                 self.next_fid = next_fid
+                self._load_ownership()
                 self.committed_applied = {
                     origin: seq for origin, seq in origin_seqs.items()
                     if origin != self.node_id

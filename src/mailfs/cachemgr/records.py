@@ -48,6 +48,12 @@ class Op(enum.IntEnum):
     # Own seqs after this record's continue after field 0: nothing was ever made in
     # between (seqs a machine crash may have lost, or that a peer has from before it).
     SKIP = 16
+    # A node takes over a user directory (see ownership.py): its manifest, then the
+    # content of its files in OWN_DATA pieces.
+    OWN = 17
+    OWN_DATA = 18
+    # Snapshot entries only: a user directory's owner.
+    SNAP_OWNER = 19
 
 
 @dataclass(slots=True)
@@ -96,6 +102,9 @@ LAYOUT: dict[Op, str] = {
     Op.SNAP_NAME: "bbq",    # dirpath, name, fid (0: the directory's import marker)
     Op.REMOTE: "bqqb",      # origin node id, its seq, base version, the encoded record
     Op.SKIP: "q",           # the last seq skipped
+    Op.OWN: "bbqqbb",       # user dirpath, node id, epoch, time_ns, covered seqs, manifest
+    Op.OWN_DATA: "qqqb",    # fid, version, offset, data
+    Op.SNAP_OWNER: "bb",    # user dirpath, packed owner
 }
 
 # Which fields of each op are directory paths ("d") and file names ("n").

@@ -1,7 +1,8 @@
 """Snapshots of the replicated store: for a peer that is new, or too far behind the log.
 
 A snapshot is a stream of records (see records.py): one SNAP_FILE per live file, with
-its version and content, and one SNAP_NAME per name and import marker. It is written from
+its version and content, one SNAP_NAME per name and import marker, and one SNAP_OWNER per
+owned user directory. It is written from
 one LMDB read transaction, so it is a consistent picture of the last commit, and writers
 are never stopped: LMDB readers do not block the writer.
 
@@ -32,6 +33,7 @@ from mailfs.cachemgr.metastore import (
     pack_file,
     unpack_file,
 )
+from mailfs.cachemgr.ownership import Owner
 from mailfs.cachemgr.records import (
     HEADER,
     MAX_RECORD,
@@ -76,6 +78,10 @@ def write_snapshot(store: MetaStore, out: BinaryIO) -> dict[str, int]:
             dirpath, _, name = bytes(key).partition(SEP)
             fid = int(FID.unpack(value)[0]) if value else 0
             out.write(encode(Record(0, Op.SNAP_NAME, (dirpath, name, fid))))
+        for key, value in txn.cursor(db=store.db_owners):
+            owner = Owner.unpack(bytes(value))
+            owner.lost = False  # the receiver's own business
+            out.write(encode(Record(0, Op.SNAP_OWNER, (bytes(key), owner.pack()))))
     return origin_seqs
 
 
@@ -107,14 +113,17 @@ def install_snapshot(store: MetaStore, path: Path, origin_seqs: dict[str, int]) 
     next_fid = store.next_fid
     try:
         with store.env.begin(write=True) as txn, open(path, "rb") as source:
-            for db in (store.db_files, store.db_chunks, store.db_names, store.db_orphans):
+            lost_before = {bytes(user) for user, value in txn.cursor(db=store.db_owners)
+                           if _lost_here(store, Owner.unpack(bytes(value)))}
+            for db in (store.db_files, store.db_chunks, store.db_names, store.db_orphans,
+                       store.db_owners):
                 txn.drop(db, delete=False)
             cursor = txn.cursor(db=store.db_meta)
             if cursor.set_range(APPLIED_PREFIX):
                 while cursor.key().startswith(APPLIED_PREFIX) and cursor.delete():
                     pass
             for record in read_records(source):
-                next_fid = _install_record(store, txn, record, next_fid)
+                next_fid = _install_record(store, txn, record, next_fid, lost_before)
             for origin, seq in origin_seqs.items():
                 if origin != store.node_id:
                     txn.put(APPLIED_PREFIX + origin.encode(), U64.pack(seq), db=store.db_meta)
@@ -126,8 +135,12 @@ def install_snapshot(store: MetaStore, path: Path, origin_seqs: dict[str, int]) 
     return next_fid
 
 
+def _lost_here(store: MetaStore, owner: Owner) -> bool:
+    return owner.lost or owner.node == store.node_id
+
+
 def _install_record(store: MetaStore, txn: lmdb.Transaction, record: Record,
-                    next_fid: int) -> int:
+                    next_fid: int, lost_before: set[bytes]) -> int:
     f = record.fields
     if record.op is Op.SNAP_FILE:
         fid, version, attrs, content = f
@@ -149,6 +162,17 @@ def _install_record(store: MetaStore, txn: lmdb.Transaction, record: Record,
         if problem is not None:
             raise CorruptRecord(f"impossible name in the snapshot: {problem}")
         txn.put(dirpath + SEP + name, FID.pack(fid) if fid else b"", db=store.db_names)
+    elif record.op is Op.SNAP_OWNER:
+        user, packed = f
+        assert isinstance(user, bytes) and isinstance(packed, bytes)
+        try:
+            owner = Owner.unpack(packed)
+        except (ValueError, UnicodeDecodeError, IndexError) as exc:
+            raise CorruptRecord(f"damaged owner of {user!r} in the snapshot: {exc}") from exc
+        # A user this node owned, and that the sender says another node owns now, is lost
+        # here, as if the takeover had arrived as a change.
+        owner.lost = user in lost_before and owner.node != store.node_id
+        txn.put(user, owner.pack(), db=store.db_owners)
     else:
         raise CorruptRecord(f"{record.op.name} record inside a snapshot")
     return next_fid

@@ -85,7 +85,8 @@ class KernelInvalidator:
                             getattr(notify, "__name__", "?"), args, exc)
 
 
-FILE_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK, Op.DROP, Op.PUT, Op.CREATE})
+FILE_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK, Op.DROP, Op.PUT, Op.CREATE,
+                      Op.OWN_DATA})
 
 
 def names_changed(record: Record) -> list[tuple[bytes, bytes]]:

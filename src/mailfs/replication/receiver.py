@@ -26,6 +26,7 @@ from typing import BinaryIO
 import trio
 
 from mailfs.cachemgr.metastore import SeqGap, SnapshotStale, size_problem
+from mailfs.cachemgr.ownership import own_problem
 from mailfs.cachemgr.records import (
     CorruptRecord,
     Op,
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 ACK_HOLD_POLL = 0.05
 REFUSAL_LOG_EVERY = 10.0
 SNAPSHOT_DISK_RESERVE = 64 << 20
-NOT_CHANGES = frozenset({Op.SNAP_FILE, Op.SNAP_NAME, Op.REMOTE})
+NOT_CHANGES = frozenset({Op.SNAP_FILE, Op.SNAP_NAME, Op.SNAP_OWNER, Op.REMOTE})
 
 
 @dataclass
@@ -203,6 +204,9 @@ class Receiver:
             case Changes():
                 self._apply(incoming, message)
             case Ping():
+                # A sender pings only when it has sent everything it has: a planned
+                # takeover waits for this (Replicator.wait_caught_up).
+                self.replicator.note_idle(incoming.origin)
                 await incoming.link.send(Pong(message.nonce))
             case SnapshotBegin():
                 await self._snapshot_begin(incoming, message)
@@ -238,6 +242,10 @@ class Receiver:
                 raise Refused(f"change {change.seq} of {origin!r} carries a "
                               f"{record.op.name} record with seq {record.seq}")
             problem = path_problem(record) or size_problem(record)
+            if record.op is Op.OWN:
+                problem = problem or own_problem(record, self.store.ownership_depth)
+                if record.fields[1] != origin.encode():
+                    problem = f"a takeover in the name of {record.fields[1]!r}"
             if problem is not None:
                 raise Refused(f"change {change.seq} of {origin!r} is impossible: {problem}")
             if change.seq > expected:
@@ -251,6 +259,8 @@ class Receiver:
         for change, record in records:
             displaced = [fid for fid in (self.store.lookup(d, n)
                                          for d, n in names_changed(record)) if fid]
+            names_before = (self.store.user_names(record.fields[0])  # type: ignore[arg-type]
+                            if record.op is Op.OWN else set())
             try:
                 conflict = self.store.apply_remote(origin, namespace, change.seq,
                                                    change.base_version, record, change.record)
@@ -268,6 +278,10 @@ class Receiver:
                     incoming.conflicts_logged += 1
                     log.error("CONFLICT: change %d of %s not applied: %s", change.seq,
                               origin, conflict)
+            elif record.op is Op.OWN:
+                # A takeover can change every file and name of the user.
+                self.replicator.on_replaced(
+                    names_before | self.store.user_names(record.fields[0]))  # type: ignore[arg-type]
             else:
                 self.replicator.on_applied(record, displaced)
         self.store.request_commit()

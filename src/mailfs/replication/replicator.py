@@ -9,6 +9,7 @@ connection, in order, and an acknowledgement means "committed to the peer's LMDB
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import time
 from collections import deque
@@ -118,6 +119,12 @@ class Replicator:
         self.on_applied: Callable[[Record, list[int]], None] = lambda record, fids: None
         self.on_replaced: Callable[[set[tuple[bytes, bytes]]], None] = lambda names: None
         store.on_local_change = self._local_change
+        self.policy = config.ownership_policy
+        if self.policy == "consistency":
+            store.write_refusal = self.write_refusal
+        # When each peer last said (by an idle Ping) that it had sent us everything.
+        self.idle_since: dict[str, float] = {}
+        self.idle_seen = trio.Event()
 
     # ------------------------------------------------------------ events from the store
 
@@ -152,6 +159,51 @@ class Replicator:
                         self._count_acked(self.store.journal.seq), len(self.peers))
         self.acked.set()
         self.acked = trio.Event()
+
+    def note_idle(self, origin: str) -> None:
+        self.idle_since[origin] = time.monotonic()
+        self.idle_seen.set()
+        self.idle_seen = trio.Event()
+
+    # ------------------------------------------------------------ ownership
+
+    def reachable_nodes(self) -> int:
+        """This node and the peers connected to it in either direction."""
+        return 1 + sum(1 for p in self.peers.values() if p.connected or p.incoming)
+
+    def write_refusal(self) -> str | None:
+        """The consistency policy: no writes without a majority of the cluster, so a
+        minority side of a partition (or one node of two) can never diverge."""
+        cluster = 1 + len(self.peers)
+        reachable = self.reachable_nodes()
+        if 2 * reachable > cluster:
+            return None
+        return (f"only {reachable} of {cluster} nodes reachable, and ownership.policy is "
+                "consistency (writes need a majority)")
+
+    async def take_over(self, user: bytes, timeout: float, force: bool) -> dict[str, Any]:
+        """A planned move of a user to this node: wait until its owner has sent us every
+        change it has (an idle Ping after all its changes), then take it over."""
+        owner = self.store.owners.get(user)
+        waited_for = ""
+        if owner is not None and owner.node != self.node_id and owner.node in self.peers:
+            asked = time.monotonic()
+            with trio.move_on_after(timeout):
+                while self.idle_since.get(owner.node, 0.0) <= asked:
+                    await self.idle_seen.wait()
+            if self.idle_since.get(owner.node, 0.0) > asked:
+                waited_for = owner.node
+            elif not force:
+                raise OSError(errno.ETIMEDOUT, (
+                    f"{owner.node} owns {user.decode(errors='replace')} and did not show "
+                    f"within {timeout:.0f}s that it has sent every change (not connected?); "
+                    "--force takes it over anyway, and its unsent changes are then fenced"))
+        before = owner.node if owner is not None else ""
+        taken = self.store.take_over(user)
+        log.warning("user %s taken over by an admin: %s -> %s, epoch %d",
+                    user.decode(errors="replace"), before or "nobody", taken.node, taken.epoch)
+        return {"user": user.decode(errors="replace"), "previous_owner": before,
+                "epoch": taken.epoch, "caught_up_with": waited_for}
 
     def note_rejection(self, reason: str) -> None:
         self.rejected_connections += 1
@@ -248,6 +300,7 @@ class Replicator:
             "log_bytes": self.store.counts()["replog_bytes"],
             "log_limit_bytes": self.config.log_limit,
             "conflicts": self.store.stats.conflicts,
+            "ownership": {"policy": self.policy, **self.store.ownership_status()},
             "last_conflict": self.store.stats.last_conflict,
             "remote_applied": self.store.stats.remote_applied,
             "rejected_connections": self.rejected_connections,
