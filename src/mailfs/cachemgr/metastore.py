@@ -987,6 +987,9 @@ class MetaStore:
             owner = self.owners.get(user)
             if owner is None or owner.node == origin:
                 continue
+            if record.op in CREATING_OPS:
+                # Its later writes name only the file: they belong to this user as well.
+                self.fid_users[record.fields[0]] = user  # type: ignore[index]
             if seq <= owner.covered.get(origin, 0):
                 self.ownership.covered_changes += 1
                 return ""
