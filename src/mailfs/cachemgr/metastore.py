@@ -15,7 +15,7 @@ LMDB layout (named databases):
                                              every peer has acknowledged them
     owners   user dirpath                 -> packed ownership.Owner (its node and epoch)
     conflicts u64 BE time + fid + user     -> a losing version kept for the admin
-                                             (conflicts.py), local to this node
+                                             (ownership.LosingVersion), local to this node
     meta     b"seq", b"next_fid", b"epoch", b"replog_bytes", b"running" -> u64;
              b"boot_id" -> the machine's boot id at mount (machine-crash detection);
              b"applied:" + origin node id -> u64, the last seq of that origin applied here
@@ -103,6 +103,8 @@ BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 # Larger than any journal tail a machine crash can take with it.
 SEQ_JUMP_AFTER_CRASH = 1 << 24
 REPLOG_ENTRY = struct.Struct("<Q")  # base version, before the encoded record
+# A takeover's manifest travels in one record, which must fit a replication frame (16 MiB).
+MAX_MANIFEST_BYTES = 12 << 20
 # Ops whose first field is the file they change: these carry and produce versions.
 VERSIONED_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK})
 CREATING_OPS = frozenset({Op.CREATE, Op.PUT})
@@ -818,10 +820,14 @@ class MetaStore:
             vfs = os.statvfs(self.state_dir)
             if vfs.f_bavail * vfs.f_frsize < needed + (16 << 20):
                 raise OSError(errno.ENOSPC, "no room in the state dir for a takeover")
+        manifest = pack_manifest(entries)
+        if len(manifest) > MAX_MANIFEST_BYTES:
+            raise OSError(errno.EFBIG, f"user {user!r} has too many index files to take over "
+                                       f"({len(entries)} names)")
         current = self.owners.get(user)
         epoch = (current.epoch if current is not None else 0) + 1
         self._append(Op.OWN, user, self.node_id.encode(), epoch, time.time_ns(),
-                     pack_seq_map(dict(self.applied)), pack_manifest(entries))
+                     pack_seq_map(dict(self.applied)), manifest)
         for fid, stored in files.items():
             for offset in range(0, stored.size, DATA_PIECE):
                 self._append(Op.OWN_DATA, fid, stored.version, offset,
