@@ -72,12 +72,12 @@ class Rig:
 
 
 @contextlib.contextmanager
-def failover_rig(mail_format: str, durability: str, index_only: bool = False
-                 ) -> Iterator[Rig]:
+def failover_rig(mail_format: str, durability: str, index_only: bool = False,
+                 partitionable: bool = False) -> Iterator[Rig]:
     options = {"durability": durability, "sync_timeout": "3"}
     fsync = "always" if durability == "sync" else "optimized"
     with contextlib.ExitStack() as teardown:
-        cluster = Cluster(2, options, index_only=index_only)
+        cluster = Cluster(2, options, index_only=index_only, partitionable=partitionable)
         teardown.callback(cluster.close)
         servers = {
             node.node_id: Dovecot(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from mailfs.cachemgr.ownership import (
     user_of,
 )
 from mailfs.cachemgr.records import Attrs, Op, Record, decode_one
+from mailfs.cachemgr.snapshot import install_snapshot, write_snapshot
 from mailfs.replication.identity import node_namespace
 
 ATTRS = Attrs(0o100600, 1, 1, 1, 3, 1, 2, 3)
@@ -125,6 +127,31 @@ def test_two_stores_that_diverged_converge_on_the_takeover(tmp_path: Path) -> No
             a.write(a.get(index.fid), 0, b"again")
         assert refused.value.errno == errno.EROFS
         assert content(a, b"alice", b"dovecot.index") == b"B" * 20
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_snapshot_carries_owners_and_what_the_receiver_lost(tmp_path: Path) -> None:
+    a, b = make_store(tmp_path, "a"), make_store(tmp_path, "b")
+    try:
+        mine = b.create(b"alice", b"dovecot.index", 0o100600, 0, 0)
+        b.write(mine, 0, b"b's")
+        ship(b, a)
+        a.write(a.get(mine.fid), 0, b"a took it over")
+        assert a.owners[b"alice"].rank() == (2, "a")
+        a.commit_now()
+        b.commit_now()
+        path = tmp_path / "snapshot"
+        with open(path, "wb") as out:
+            origin_seqs = write_snapshot(a, out)
+        await b.replace_state(partial(install_snapshot, b, path, origin_seqs), origin_seqs)
+        owner = b.owners[b"alice"]
+        assert (owner.node, owner.epoch, owner.lost) == ("a", 2, True)
+        assert content(b, b"alice", b"dovecot.index") == b"a took it over"
+        with pytest.raises(OSError) as refused:
+            b.write(b.get(mine.fid), 0, b"x")
+        assert refused.value.errno == errno.EROFS
     finally:
         a.close()
         b.close()
