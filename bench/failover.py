@@ -46,7 +46,7 @@ def summarize(results: dict[str, list[FailoverResult]]) -> list[str]:
             ", ".join(str(r.lost_changes) for r in runs),
             str(sum(r.fenced_on_b for r in runs)),
             str(sum(r.conflict_versions_on_a for r in runs)),
-            str(sum(bool(r.dovecot_b_trouble_after_return) or r.b_state_changed_by_return
+            str(sum(bool(r.dovecot_b_trouble_after_return or r.b_changes_by_return)
                     for r in runs)),
         ])
     return table(["config", "rounds", "serve s p50", "serve s max", "acked changes",

@@ -31,7 +31,7 @@ def test_a_killed_owner_comes_back_fenced_and_converges(
         if durability == "sync":
             assert result.lost_appends == [] and result.lost_stores == []
         assert result.a_owner_view == ("b", 2, True)
-        assert not result.b_state_changed_by_return
+        assert result.b_changes_by_return == []
         assert result.dovecot_b_trouble_after_return == []
         # mailfs itself logged nothing unexpected anywhere: fencing is an ERROR by design.
         allowed = ["FENCED", "SYNC REPLICATION DEGRADED"]

@@ -284,6 +284,15 @@ class Dovecot:
             self._kill_all()
         self.process = None
 
+    def freeze(self) -> None:
+        """SIGSTOP the master and every child: with a kill -9 of mailfs right after, what
+        a machine that dies does to both at one instant."""
+        if self.process is None:
+            return
+        for pid in {self.process.pid} | _descendants(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
     def _kill_all(self) -> None:
         if self.process is None:
             return

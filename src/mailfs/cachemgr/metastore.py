@@ -105,6 +105,7 @@ SEQ_JUMP_AFTER_CRASH = 1 << 24
 REPLOG_ENTRY = struct.Struct("<Q")  # base version, before the encoded record
 # A takeover's manifest travels in one record, which must fit a replication frame (16 MiB).
 MAX_MANIFEST_BYTES = 12 << 20
+DROPPED_USERS_KEPT = 100_000
 # Ops whose first field is the file they change: these carry and produce versions.
 VERSIONED_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK})
 CREATING_OPS = frozenset({Op.CREATE, Op.PUT})
@@ -279,6 +280,9 @@ class MetaStore:
         self.ownership_depth = ownership_depth if replicating else 0
         self.owners: dict[bytes, Owner] = {}
         self.fid_users: dict[int, bytes] = {}  # which user directory each file is in
+        # ...and each recently dropped one: a peer's late write to a file the owner has
+        # deleted meanwhile must still be fenced, not taken for a conflict.
+        self.dropped_users: OrderedDict[int, bytes] = OrderedDict()
         self.ownership = OwnershipStats()
         # Set by replication: why this node may not write now (the consistency policy
         # without a majority), or None.
@@ -764,7 +768,8 @@ class MetaStore:
             if user is not None:
                 users.add(user)
         if op in FID_OPS:
-            user = self.fid_users.get(fields[0])  # type: ignore[arg-type]
+            fid = fields[0]
+            user = self.fid_users.get(fid) or self.dropped_users.get(fid)  # type: ignore[arg-type]
             if user is not None:
                 users.add(user)
         return users
@@ -1344,7 +1349,11 @@ class MetaStore:
             self.journal.note_freed(_blocks_end(stored.size))
         self.dirty_fids.discard(fid)
         self.drops.add(fid)
-        self.fid_users.pop(fid, None)
+        user = self.fid_users.pop(fid, None)
+        if user is not None:
+            self.dropped_users[fid] = user
+            if len(self.dropped_users) > DROPPED_USERS_KEPT:
+                self.dropped_users.popitem(last=False)
         self._set(b"orphans", FID.pack(fid), None)
 
     # ---------------------------------------------------------------- commit
