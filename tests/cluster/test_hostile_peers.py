@@ -25,6 +25,7 @@ import pytest
 import trustme
 import xxhash
 
+from mailfs.cachemgr.ownership import ManifestEntry, pack_manifest, pack_seq_map
 from mailfs.cachemgr.records import Attrs, Op, Record, decode_one
 from mailfs.cachemgr.records import encode as encode_record
 from mailfs.replication.identity import make_fid, make_version, node_namespace
@@ -527,13 +528,32 @@ def _record_snapshot_only(changes: list[Change]) -> list[Change]:
     return [changes[0], Change(changes[1].seq, changes[1].base_version, encode_record(record))]
 
 
+def _takeover(seq: int, node: bytes, entries: list[ManifestEntry]) -> Change:
+    fields = (b"someone", node, 1, 1, pack_seq_map({}), pack_manifest(entries))
+    return Change(seq, 0, encode_record(Record(seq, Op.OWN, fields)))
+
+
+def _record_takeover_for_another_node(changes: list[Change]) -> list[Change]:
+    return [changes[0], _takeover(changes[1].seq, b"c", [])]
+
+
+def _record_takeover_outside_its_user(changes: list[Change]) -> list[Change]:
+    entry = ManifestEntry(b"someone-else", b"dovecot.index", 1, 1, 0,
+                          Attrs(0o100600, 0, 0, 1, 0, 0, 0, 0))
+    return [changes[0], _takeover(changes[1].seq, b"b", [entry])]
+
+
 @pytest.mark.parametrize(("damage", "reason"), [
+    (_record_takeover_for_another_node, "is impossible: a takeover in the name of b'c'"),
+    (_record_takeover_outside_its_user, "is impossible: OWN of b'someone' lists a name "
+                                        "outside it"),
     (_record_checksum, "is damaged: record checksum mismatch"),
     (_record_truncated, "is damaged: record length"),
     (_record_bad_op, "is damaged: bad record head"),
     (_record_wrong_seq, "carries a DROP record with seq"),
     (_record_snapshot_only, "carries a SNAP_NAME record"),
-], ids=["checksum", "truncated", "unknown-op", "wrong-seq", "snapshot-op"])
+], ids=["takeover-for-another", "takeover-outside", "checksum", "truncated", "unknown-op",
+        "wrong-seq", "snapshot-op"])
 def test_damaged_record_in_a_valid_frame_is_refused(
         node: Node, cluster: Cluster, damage: Callable[[list[Change]], list[Change]],
         reason: str) -> None:

@@ -178,3 +178,28 @@ def test_the_consistency_policy_refuses_writes_without_a_majority(
     assert b.path("alice/dovecot.index").read_bytes() == b"after the heal"
     assert owner_of(b, "alice") == ("a", 1)
     assert not cluster.problems(allowed=REFUSED)
+
+
+def test_users_two_levels_deep_are_owned_one_by_one(make_cluster: MakeCluster) -> None:
+    """ownership.depth = 2, for %d/%n layouts: each user of a domain has its own owner,
+    and a file directly in the domain's directory has none."""
+    cluster = make_cluster(2, {"ownership_depth": "2"})
+    a, b = cluster.nodes
+    a.path("example.com/alice").mkdir(parents=True)
+    a.path("example.com/bob").mkdir()
+    write_synced(a.path("example.com/alice/dovecot.index"), b"alice on a")
+    write_synced(b.path("example.com/bob/dovecot.index"), b"bob on b")
+    write_synced(a.path("example.com/dovecot.index"), b"the domain's, on a")
+    cluster.wait_converged()
+    write_synced(b.path("example.com/dovecot.index"), b"the domain's, on b")
+    write_synced(a.path("example.com/alice/dovecot.index"), b"alice on a again")
+    write_synced(b.path("example.com/bob/dovecot.index"), b"bob on b again")
+    cluster.wait_converged()
+    wait_owner(cluster.nodes, "example.com/alice", ("a", 1))
+    wait_owner(cluster.nodes, "example.com/bob", ("b", 1))
+    assert set(owners(a)) == {"example.com/alice", "example.com/bob"}
+    assert a.path("example.com/dovecot.index").read_bytes() == b"the domain's, on b"
+    for node in cluster.nodes:
+        assert ownership(node)["refused_writes"] == 0
+        assert ownership(node)["fenced_changes"] == 0
+    assert not cluster.problems()
