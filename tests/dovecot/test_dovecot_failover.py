@@ -21,7 +21,6 @@ or rebuilding a single index. Two ways A goes away:
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -30,8 +29,9 @@ from hashlib import sha256
 import pytest
 from imapclient import IMAPClient  # type: ignore[import-untyped]
 
-from tests.rigs.cluster import Cluster, Node, wait_for
-from tests.rigs.dovecot import DEFAULT_USERS, Dovecot, ensure_vmail_user, prepare_mail_root
+from tests.rigs.cluster import wait_for
+from tests.rigs.dovecot import DEFAULT_USERS, Dovecot
+from tests.rigs.failover import Rig, failover_rig
 from tests.rigs.imap import MailboxState, all_mailbox_states, connect, make_message, split_flags
 from tests.rigs.mount import run_cli
 
@@ -58,15 +58,6 @@ class UserState:
 State = dict[str, UserState]
 
 
-@dataclass
-class Rig:
-    cluster: Cluster
-    servers: dict[str, Dovecot]  # node id -> the Dovecot serving that node's mount
-
-    def node(self, node_id: str) -> Node:
-        return next(node for node in self.cluster.nodes if node.node_id == node_id)
-
-
 @pytest.fixture(params=HOW)
 def how(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -81,41 +72,11 @@ def layout(request: pytest.FixtureRequest) -> str:
 def rig(how: str, mail_format: str, layout: str) -> Iterator[Rig]:
     """full: each node's Dovecot has its whole mail_location on the node's mount over the
     shared backing directory. index-only: mail on the shared directory itself, INDEX= and
-    CONTROL= on the node's index-only mount."""
-    options = {"durability": "sync", "sync_timeout": "3"} if how == "kill9" else {}
-    fsync = "always" if how == "kill9" else "optimized"
-    index_only = layout == "index-only"
-    with contextlib.ExitStack() as teardown:  # runs every step, last registered first
-        cluster = Cluster(2, options, index_only=index_only)
-        teardown.callback(cluster.close)
-        servers = {
-            node.node_id: Dovecot(
-                cluster.base / f"dovecot-{node.node_id}",
-                cluster.backing if index_only else node.mountpoint, mail_format,
-                mail_fsync=fsync, index_root=node.mountpoint if index_only else None)
-            for node in cluster.nodes
-        }
-        teardown.callback(print_logs, cluster, servers)  # pytest shows it on failure
-        for server in servers.values():
-            teardown.callback(server.kill)
-            teardown.callback(server.stop)
-        prepare_mail_root(cluster.backing)
-        if index_only:  # an index-only root shows its mountpoint directory's owner
-            for node in cluster.nodes:
-                prepare_mail_root(node.mountpoint)
-        cluster.start()
-        uid, gid = ensure_vmail_user()
-        for node in cluster.nodes:
-            if node.mountpoint.stat().st_uid != uid:  # as MailStore does: a fallback
-                os.chown(node.mountpoint, uid, gid)
-        yield Rig(cluster, servers)
-
-
-def print_logs(cluster: Cluster, servers: dict[str, Dovecot]) -> None:
-    for node_id, server in servers.items():
-        print(f"--- dovecot log ({node_id})\n{server.log_text()[-20000:]}")
-    for node in cluster.nodes:
-        print(f"--- mailfs log ({node.node_id})\n{node.log()[-20000:]}")
+    CONTROL= on the node's index-only mount. kill9 runs with sync durability and Dovecot's
+    mail_fsync=always."""
+    durability = "sync" if how == "kill9" else "async"
+    with failover_rig(mail_format, durability, index_only=layout == "index-only") as made:
+        yield made
 
 
 def login(server: Dovecot, user: str = ALICE) -> IMAPClient:

@@ -68,7 +68,10 @@ class FailoverResult:
 @dataclass
 class Rig:
     cluster: Cluster
-    servers: dict[str, Dovecot]
+    servers: dict[str, Dovecot]  # node id -> the Dovecot serving that node's mount
+
+    def node(self, node_id: str) -> Node:
+        return next(node for node in self.cluster.nodes if node.node_id == node_id)
 
 
 @contextlib.contextmanager

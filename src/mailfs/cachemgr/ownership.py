@@ -172,21 +172,26 @@ def unpack_manifest(raw: bytes) -> list[ManifestEntry]:
             fid, version, digest = ENTRY_HEAD.unpack_from(view, pos)
             pos += ENTRY_HEAD.size
             attrs = Attrs.unpack(view[pos:pos + ATTRS.size])
-            pos += ATTRS.size
-            texts = []
-            for _ in range(2):
-                (length,) = U32.unpack_from(view, pos)
-                pos += U32.size
-                if pos + length > len(view):
-                    raise ValueError("manifest entry runs past the record")
-                texts.append(bytes(view[pos:pos + length]))
-                pos += length
+            texts, pos = read_blobs(view, pos + ATTRS.size, 2)
             entries.append(ManifestEntry(texts[0], texts[1], fid, version, digest, attrs))
     except struct.error as exc:
         raise ValueError(f"truncated manifest: {exc}") from exc
     if pos != len(view):
         raise ValueError("stray bytes after the manifest")
     return entries
+
+
+def read_blobs(view: memoryview, pos: int, count: int) -> tuple[list[bytes], int]:
+    """`count` u32-length-prefixed byte strings from `pos`; and the position after them."""
+    blobs = []
+    for _ in range(count):
+        (length,) = U32.unpack_from(view, pos)
+        pos += U32.size
+        if pos + length > len(view):
+            raise ValueError("a byte string runs past its field")
+        blobs.append(bytes(view[pos:pos + length]))
+        pos += length
+    return blobs, pos
 
 
 def own_problem(record: Record, depth: int) -> str | None:
@@ -251,13 +256,7 @@ class LosingVersion:
         fid, version, epoch, time_ns = LOSER_HEAD.unpack_from(raw, 0)
         pos = LOSER_HEAD.size
         attrs = Attrs.unpack(raw[pos:pos + ATTRS.size])
-        pos += ATTRS.size
-        texts = []
-        for _ in range(4):
-            (length,) = U32.unpack_from(raw, pos)
-            pos += U32.size
-            texts.append(raw[pos:pos + length])
-            pos += length
+        texts, _ = read_blobs(memoryview(raw), pos + ATTRS.size, 4)
         return cls(texts[0], texts[1], fid, version, texts[2].decode(), epoch, time_ns,
                    attrs, texts[3])
 
