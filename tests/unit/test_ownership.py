@@ -155,3 +155,50 @@ async def test_a_snapshot_carries_owners_and_what_the_receiver_lost(tmp_path: Pa
     finally:
         a.close()
         b.close()
+
+
+def test_a_user_waits_for_its_takeovers_content_and_bystanders_lose_nothing(
+        tmp_path: Path) -> None:
+    a, b, c = (make_store(tmp_path, node) for node in "abc")
+    try:
+        index = a.create(b"alice", b"dovecot.index", 0o100600, 0, 0)
+        a.write(index, 0, b"version one")
+        shipped = ship(a, b)
+        ship(a, c)
+        a.write(index, 0, b"version two")  # c is behind: it never gets this one from a
+        ship(a, b, shipped)
+        b.write(b.get(index.fid), 0, b"V")  # b takes over with "version two"
+        own = [entry for entry in b.replog_tail if decode_one(entry.record).op is Op.OWN]
+        first = own[0].seq
+        # c gets the takeover but not yet its content (a connection cut in between).
+        shipped_c = 0
+        for entry in b.replog_tail:
+            if entry.seq <= first:
+                c.apply_remote("b", b.namespace, entry.seq, entry.base_version,
+                               decode_one(entry.record), entry.record)
+                shipped_c = entry.seq
+        with pytest.raises(OSError) as waiting:
+            c.write(c.get(index.fid), 0, b"would build on zeros")
+        assert waiting.value.errno == errno.EAGAIN
+        ship(b, c, shipped_c)
+        assert content(c, b"alice", b"dovecot.index") == b"Version two"
+        # c was only behind: the version it had is in b's takeover, so nothing was lost.
+        assert c.losing_versions() == []
+        assert c.ownership.fenced_changes == 0
+    finally:
+        for store in (a, b, c):
+            store.close()
+
+
+def test_a_directory_above_the_users_is_not_renamed_past_their_owners(tmp_path: Path) -> None:
+    store = MetaStore(tmp_path / "a", 64 << 20, 1 << 30, 1.0, 1 << 20, node_id="a",
+                      namespace=node_namespace("a"), replicating=True, ownership_depth=2)
+    store.recover()
+    try:
+        store.create(b"example.com/alice", b"dovecot.index", 0o100600, 0, 0)
+        with pytest.raises(OSError) as refused:
+            store.check_rename_dir(b"example.com", b"example.org")
+        assert refused.value.errno == errno.EXDEV
+        store.check_rename_dir(b"example.com/alice", b"example.com/alice2")  # a user: fine
+    finally:
+        store.close()

@@ -158,6 +158,26 @@ class Journal:
         self.seq = record.seq
         return record, data
 
+    def append_group(self, changes: list[tuple[Op, tuple[Field, ...]]]
+                     ) -> list[tuple[Record, bytes]]:
+        """Write several records with one write(2): all of them or, on any error, none.
+
+        For changes that peers must never see half of (a takeover and its content)."""
+        records = [Record(self.seq + 1 + index, op, fields)
+                   for index, (op, fields) in enumerate(changes)]
+        encoded = [encode(record) for record in records]
+        data = b"".join(encoded)
+        try:
+            self._keep_loose(len(data), self.reserve_loose + self.overwrite_loose)
+            self._write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                self.out_of_space = True
+            raise
+        self.out_of_space = False
+        self.seq = records[-1].seq
+        return list(zip(records, encoded, strict=True))
+
     def _write_in_reserve(self, data: bytes, undo: bool) -> None:
         """Write a record that may use space the reserve gives up.
 

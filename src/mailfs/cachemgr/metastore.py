@@ -79,7 +79,13 @@ from mailfs.cachemgr.records import (
     key_problem,
     skipped_through,
 )
-from mailfs.replication.identity import fid_namespace, make_fid, make_version, node_namespace
+from mailfs.replication.identity import (
+    fid_namespace,
+    make_fid,
+    make_version,
+    node_namespace,
+    version_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,7 @@ U64 = struct.Struct("<Q")
 SEP = b"\0"
 IMPORTED = b""
 APPLIED_PREFIX = b"applied:"
+AWAITING_PREFIX = b"awaiting:"  # + fid: bytes a takeover still owes that file
 # Index files are megabytes; a write or truncate beyond this is refused (EFBIG locally, a
 # refused connection for a peer), so nobody can make the daemon allocate without bound.
 MAX_FILE_SIZE = 1 << 30
@@ -106,12 +113,12 @@ REPLOG_ENTRY = struct.Struct("<Q")  # base version, before the encoded record
 # A takeover's manifest travels in one record, which must fit a replication frame (16 MiB).
 MAX_MANIFEST_BYTES = 12 << 20
 DROPPED_USERS_KEPT = 100_000
+MAX_LOSING_VERSIONS = 10_000  # the oldest go beyond this (logged)
 # Ops whose first field is the file they change: these carry and produce versions.
 VERSIONED_OPS = frozenset({Op.WRITE, Op.TRUNCATE, Op.SETATTR, Op.LINK})
 CREATING_OPS = frozenset({Op.CREATE, Op.PUT})
 
 Overlay = dict[tuple[bytes, bytes], bytes | None]
-NO_ATTRS = Attrs(0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def _blocks_end(size: int) -> int:
@@ -283,12 +290,17 @@ class MetaStore:
         # ...and each recently dropped one: a peer's late write to a file the owner has
         # deleted meanwhile must still be fenced, not taken for a conflict.
         self.dropped_users: OrderedDict[int, bytes] = OrderedDict()
+        # Files a takeover replaced whose content has not all arrived yet: bytes missing.
+        # (Only after a crash or a refused connection in the middle of one.)
+        self.awaiting: dict[int, int] = {}
         self.ownership = OwnershipStats()
         # Set by replication: why this node may not write now (the consistency policy
         # without a majority), or None.
         self.write_refusal: Callable[[], str | None] = lambda: None
         self._refusal_logged = -1e9
         self._fence_logged = -1e9
+        self.reapplying = False  # own changes re-applied over a snapshot (_reapply_logged)
+        self.losing_count = 0
         self.pending: Overlay = {}
         self.committing: Overlay = {}
         self.files: OrderedDict[int, StoredFile] = OrderedDict()
@@ -399,6 +411,14 @@ class MetaStore:
         last = after
         if not self.replicating:
             return last
+        self.reapplying = True
+        try:
+            return self._reapply_entries(after)
+        finally:
+            self.reapplying = False
+
+    def _reapply_entries(self, after: int) -> int:
+        last = after
         with self.env.begin(db=self.db_replog) as txn:
             cursor = txn.cursor()
             entries = [(int(FID.unpack(key)[0]), bytes(value[REPLOG_ENTRY.size:]))
@@ -412,6 +432,11 @@ class MetaStore:
             record = decode_one(data)
             if record.op is Op.SKIP:
                 last = max(seq, record.fields[0])  # type: ignore[type-var,assignment]
+                continue
+            if self._fenced(self.node_id, seq, record) is not None:
+                # The snapshot says another node took the user over meanwhile: peers
+                # fenced this change, and it must not land here either.
+                last = seq
                 continue
             try:
                 self._apply(record)
@@ -747,9 +772,12 @@ class MetaStore:
         change that names only a file id), from LMDB: at start, and after a snapshot."""
         self.owners = {}
         self.fid_users = {}
+        self.awaiting = {}
+        self.losing_count = 0
         if not self.ownership_depth:
             return
         with self.env.begin() as txn:
+            self.losing_count = int(txn.stat(self.db_conflicts)["entries"])
             for key, value in txn.cursor(db=self.db_owners):
                 self.owners[bytes(key)] = Owner.unpack(bytes(value))
             for key, value in txn.cursor(db=self.db_names):
@@ -757,6 +785,13 @@ class MetaStore:
                     user = user_of(bytes(key).partition(SEP)[0], self.ownership_depth)
                     if user is not None:
                         self.fid_users[int(FID.unpack(value)[0])] = user
+            cursor = txn.cursor(db=self.db_meta)
+            if cursor.set_range(AWAITING_PREFIX):
+                for key, value in cursor:
+                    if not bytes(key).startswith(AWAITING_PREFIX):
+                        break
+                    fid = int(FID.unpack(bytes(key)[len(AWAITING_PREFIX):])[0])
+                    self.awaiting[fid] = int(U64.unpack(value)[0])
 
     def user_of(self, dirpath: bytes) -> bytes | None:
         return user_of(dirpath, self.ownership_depth)
@@ -781,6 +816,7 @@ class MetaStore:
             return
         refusal = self.write_refusal()
         for user in sorted(users):
+            self._check_complete(user)
             owner = self.owners.get(user)
             if owner is not None and owner.lost:
                 self._refuse(user, f"node {owner.node} took it over (epoch {owner.epoch}); "
@@ -789,6 +825,24 @@ class MetaStore:
                 self._refuse(user, refusal)
             if owner is None or owner.node != self.node_id:
                 self._take_over(user)
+
+    def _await_content(self, fid: int, missing: int) -> None:
+        """Note how many bytes of a file a takeover still owes (0: none). Kept in LMDB
+        too: a commit can come between a takeover and the rest of its content when the
+        connection broke in the middle, and a restart must not forget the gap."""
+        key = AWAITING_PREFIX + FID.pack(fid)
+        if missing:
+            self.awaiting[fid] = missing
+            self._set(b"meta", key, U64.pack(missing))
+        elif self.awaiting.pop(fid, None) is not None:
+            self._set(b"meta", key, None)
+
+    def _check_complete(self, user: bytes) -> None:
+        """EAGAIN while a takeover of this user still lacks content: a write now would
+        build on zeros, and a takeover from here would hand the zeros to every node."""
+        if self.awaiting and any(self.fid_users.get(fid) == user for fid in self.awaiting):
+            raise OSError(errno.EAGAIN, f"the content of a takeover of "
+                                        f"{user.decode(errors='replace')} is still arriving")
 
     def _refuse(self, user: bytes, reason: str) -> None:
         self.ownership.refused_writes += 1
@@ -811,6 +865,7 @@ class MetaStore:
         owner = self.owners.get(user)
         if owner is not None and owner.node == self.node_id and not owner.lost:
             return owner
+        self._check_complete(user)
         refusal = self.write_refusal()
         if refusal is not None:
             raise OSError(errno.EROFS, refusal)
@@ -819,24 +874,32 @@ class MetaStore:
     def _take_over(self, user: bytes) -> Owner:
         """Journal a takeover: the user's whole state here, which every node adopts."""
         entries, files = self._manifest(user)
-        needed = sum(stored.size for stored in files.values())
-        if needed:
-            # Half a takeover would leave peers with zeros where the content goes.
-            vfs = os.statvfs(self.state_dir)
-            if vfs.f_bavail * vfs.f_frsize < needed + (16 << 20):
-                raise OSError(errno.ENOSPC, "no room in the state dir for a takeover")
         manifest = pack_manifest(entries)
         if len(manifest) > MAX_MANIFEST_BYTES:
             raise OSError(errno.EFBIG, f"user {user!r} has too many index files to take over "
                                        f"({len(entries)} names)")
         current = self.owners.get(user)
         epoch = (current.epoch if current is not None else 0) + 1
-        self._append(Op.OWN, user, self.node_id.encode(), epoch, time.time_ns(),
-                     pack_seq_map(dict(self.applied)), manifest)
+        changes: list[tuple[Op, tuple[Field, ...]]] = [(Op.OWN, (
+            user, self.node_id.encode(), epoch, time.time_ns(),
+            pack_seq_map(dict(self.applied)), manifest))]
         for fid, stored in files.items():
             for offset in range(0, stored.size, DATA_PIECE):
-                self._append(Op.OWN_DATA, fid, stored.version, offset,
-                             bytes(stored.content[offset:offset + DATA_PIECE]))
+                changes.append((Op.OWN_DATA, (fid, stored.version, offset,
+                                              bytes(stored.content[offset:offset + DATA_PIECE]))))
+        # One write: peers must never get the manifest without all of its content.
+        try:
+            written = self.journal.append_group(changes)
+        except OSError as exc:
+            self.stats.journal_errors += 1
+            log.error("cannot journal a takeover of %s (%s): the write that needed it gets "
+                      "%s", user.decode(errors="replace"), exc,
+                      errno.errorcode.get(exc.errno or 0))
+            raise
+        for record, data in written:
+            self._apply_own(record, data)
+            self.on_local_change(record.seq)
+        self._wake.set()
         return self.owners[user]
 
     def _manifest(self, user: bytes) -> tuple[list[ManifestEntry], dict[int, StoredFile]]:
@@ -846,8 +909,7 @@ class MetaStore:
         for key, value in sorted(self._names_under(user).items()):
             dirpath, _, name = key.partition(SEP)
             if not value:
-                entries.append(ManifestEntry(dirpath, name, 0, 0, 0, NO_ATTRS))
-                continue
+                continue  # an import marker: not the owner's business
             fid = int(FID.unpack(value)[0])
             try:
                 stored = files.get(fid) or self.get(fid)
@@ -877,6 +939,10 @@ class MetaStore:
         if new.node != self.node_id:
             new.lost = current is not None and (current.lost or current.node == self.node_id)
             self._adopt(user, unpack_manifest(manifest), new)
+        elif self.reapplying:
+            # Re-applied over a peer's snapshot: the state here is not the one this node
+            # took over with, and peers adopted the manifest.
+            self._adopt(user, unpack_manifest(manifest), new)
         self.owners[user] = new
         self._set(b"owners", user, new.pack())
         self.ownership.takeovers += 1
@@ -896,9 +962,10 @@ class MetaStore:
             if entry.fid:
                 wanted[key] = FID.pack(entry.fid)
                 by_fid.setdefault(entry.fid, []).append(entry)
-            elif not entry.name:
-                wanted[key] = IMPORTED
-        current = self._names_under(user)
+        # Import markers have no owner (MARK_IMPORTED is never fenced): left as they are,
+        # or nodes would differ by whether a marker came before or after the takeover.
+        current = {key: value for key, value in self._names_under(user).items()
+                   if not key.endswith(SEP + IMPORTED)}
         unbound: dict[int, list[bytes]] = {}
         for key, value in current.items():
             if wanted.get(key) != value:
@@ -935,12 +1002,15 @@ class MetaStore:
             stored = None
         self._set(b"orphans", FID.pack(fid), None)
         self.fid_users[fid] = user
+        self._await_content(fid, 0)
         if (stored is not None and stored.version == entry.version
                 and stored.size == attrs.size and content_digest(stored.content) == entry.digest):
             if stored.attrs != attrs:
                 stored.attrs = attrs
                 self._touch(stored)
             return
+        if attrs.size:
+            self._await_content(fid, attrs.size)  # the owner's OWN_DATA records fill it
         if stored is None:
             self.drops.discard(fid)
             stored = StoredFile(fid, attrs, bytearray(attrs.size), version=entry.version)
@@ -952,7 +1022,7 @@ class MetaStore:
         self._keep_losing(user, old_keys[0] if old_keys else
                           name_key(entry.dirpath, entry.name), stored, owner, entry.digest)
         old_size = stored.size
-        stored.content[:] = bytes(attrs.size)  # the owner's OWN_DATA records fill it
+        stored.content[:] = bytes(attrs.size)
         stored.attrs = attrs
         stored.version = entry.version
         self._resize(stored, old_size)
@@ -962,12 +1032,19 @@ class MetaStore:
                      winning_digest: int | None = None) -> None:
         if winning_digest is not None and content_digest(stored.content) == winning_digest:
             return  # only attributes differ: no content is lost
+        namespace, seq = version_parts(stored.version)
+        covered = {node_namespace(node): through for node, through in owner.covered.items()}
+        if namespace == node_namespace(owner.node) or seq <= covered.get(namespace, 0):
+            return  # the taker had this version: this node was only behind, nothing lost
         dirpath, _, name = key.partition(SEP)
         losing = LosingVersion(user, dirpath + b"/" + name, stored.fid, stored.version,
                                owner.node, owner.epoch, owner.time_ns, stored.attrs.copy(),
                                bytes(stored.content))
         self._set(b"conflicts", losing.key(), losing.pack())
         self.ownership.losing_versions += 1
+        self.losing_count += 1
+        if self.losing_count > MAX_LOSING_VERSIONS + 100:
+            self._forget_oldest_losing(self.losing_count - MAX_LOSING_VERSIONS)
         log.warning("user %s: this node's version of %s (%d bytes) lost to %s's takeover "
                     "(epoch %d); kept, see 'mailfs conflicts'", user.decode(errors="replace"),
                     losing.path.decode(errors="replace"), stored.size, owner.node, owner.epoch)
@@ -987,6 +1064,9 @@ class MetaStore:
         if end > offset and stored.content[offset:end] != data[:end - offset]:
             stored.content[offset:end] = data[:end - offset]
             self._dirty_range(stored, offset, end)
+        missing = self.awaiting.get(fid)
+        if missing is not None:
+            self._await_content(fid, max(0, missing - len(data)))
 
     def _fenced(self, origin: str, seq: int, record: Record) -> str | None:
         """Why a peer's change must not be applied: its origin does not own the user
@@ -1031,11 +1111,30 @@ class MetaStore:
             self._scan(b"conflicts", b"").items())]
 
     def purge_losing_versions(self) -> int:
-        keys = list(self._scan(b"conflicts", b""))
+        keys = self._losing_keys()
         for key in keys:
             self._set(b"conflicts", key, None)
+        self.losing_count = 0
         self._wake.set()
         return len(keys)
+
+    def _losing_keys(self) -> list[bytes]:
+        """Keys of the conflicts DB, oldest first, without reading the versions."""
+        with self.env.begin(db=self.db_conflicts) as txn:
+            keys = {bytes(key) for key in txn.cursor().iternext(keys=True, values=False)}
+        for layer in (self.committing, self.pending):
+            for (db, key), value in layer.items():
+                if db == b"conflicts":
+                    (keys.add if value is not None else keys.discard)(key)
+        return sorted(keys)
+
+    def _forget_oldest_losing(self, count: int) -> None:
+        oldest = self._losing_keys()[:count]
+        for key in oldest:
+            self._set(b"conflicts", key, None)
+        self.losing_count -= len(oldest)
+        log.warning("forgot the %d oldest losing versions (more than %d kept)", len(oldest),
+                    MAX_LOSING_VERSIONS)
 
     def ownership_status(self) -> dict[str, object]:
         stats = self.ownership
@@ -1053,7 +1152,7 @@ class MetaStore:
             "covered_changes": stats.covered_changes,
             "refused_writes": stats.refused_writes,
             "last_refused": stats.last_refused,
-            "conflict_versions": len(self._scan(b"conflicts", b"")),
+            "conflict_versions": self.losing_count,
         }
 
     def request_commit(self) -> None:
@@ -1136,6 +1235,12 @@ class MetaStore:
         """Refuse, before anything moves, a directory rename that would leave an index file
         below it with a path longer than the store keeps. (Import markers do not count: a
         directory too deep to keep one is simply scanned again.)"""
+        if (self.ownership_depth and user_of(old, self.ownership_depth) is None
+                and (self._names_under(old) or self._names_under(new))):
+            # It would move the index files of users it does not name, past their owners;
+            # EXDEV makes mv copy them, file by file, each write claiming its user.
+            raise OSError(errno.EXDEV, "a directory above user directories moves users; "
+                                       "ownership needs each user moved on its own")
         grows = len(new) - len(old)
         if grows <= 0:
             return
@@ -1349,6 +1454,8 @@ class MetaStore:
             self.journal.note_freed(_blocks_end(stored.size))
         self.dirty_fids.discard(fid)
         self.drops.add(fid)
+        if fid in self.awaiting:
+            self._await_content(fid, 0)
         user = self.fid_users.pop(fid, None)
         if user is not None:
             self.dropped_users[fid] = user

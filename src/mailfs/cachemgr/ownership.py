@@ -146,6 +146,12 @@ class ManifestEntry:
     attrs: Attrs
 
 
+def data_pieces(entries: list[ManifestEntry]) -> int:
+    """How many OWN_DATA records follow a takeover with this manifest."""
+    sizes = {entry.fid: entry.attrs.size for entry in entries if entry.fid}
+    return sum(-(-size // DATA_PIECE) for size in sizes.values())
+
+
 def content_digest(content: bytes | bytearray) -> int:
     return int(xxhash.xxh3_64_intdigest(content))
 

@@ -23,6 +23,7 @@ import xxhash
 
 from mailfs.cachemgr.metastore import (
     APPLIED_PREFIX,
+    AWAITING_PREFIX,
     CHUNK,
     CHUNK_KEY,
     FID,
@@ -119,9 +120,10 @@ def install_snapshot(store: MetaStore, path: Path, origin_seqs: dict[str, int]) 
                        store.db_owners):
                 txn.drop(db, delete=False)
             cursor = txn.cursor(db=store.db_meta)
-            if cursor.set_range(APPLIED_PREFIX):
-                while cursor.key().startswith(APPLIED_PREFIX) and cursor.delete():
-                    pass
+            for prefix in (APPLIED_PREFIX, AWAITING_PREFIX):
+                if cursor.set_range(prefix):
+                    while cursor.key().startswith(prefix) and cursor.delete():
+                        pass
             for record in read_records(source):
                 next_fid = _install_record(store, txn, record, next_fid, lost_before)
             for origin, seq in origin_seqs.items():

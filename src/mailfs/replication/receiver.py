@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -26,10 +26,11 @@ from typing import BinaryIO
 import trio
 
 from mailfs.cachemgr.metastore import SeqGap, SnapshotStale, size_problem
-from mailfs.cachemgr.ownership import own_problem
+from mailfs.cachemgr.ownership import data_pieces, own_problem, unpack_manifest
 from mailfs.cachemgr.records import (
     CorruptRecord,
     Op,
+    Record,
     decode_one,
     path_problem,
     skipped_through,
@@ -46,6 +47,7 @@ from mailfs.replication.link import (
 )
 from mailfs.replication.protocol import (
     Ack,
+    Change,
     Changes,
     Goodbye,
     Ping,
@@ -77,6 +79,9 @@ class Incoming:
     snapshot_path: Path | None = None
     snapshot_begin: SnapshotBegin | None = None
     conflicts_logged: int = 0
+    # A takeover waiting for the rest of its content (OWN, then OWN_DATA pieces).
+    takeover: list[tuple[Change, Record]] = field(default_factory=list)
+    pieces_left: int = 0
 
 
 class Receiver:
@@ -255,36 +260,57 @@ class Receiver:
                 skipped = skipped_through(change.record)
                 expected = max(change.seq, skipped or 0) + 1
             records.append((change, record))
-        namespace = node_namespace(origin)
         for change, record in records:
-            displaced = [fid for fid in (self.store.lookup(d, n)
-                                         for d, n in names_changed(record)) if fid]
-            names_before = (self.store.user_names(record.fields[0])  # type: ignore[arg-type]
-                            if record.op is Op.OWN else set())
-            try:
-                conflict = self.store.apply_remote(origin, namespace, change.seq,
-                                                   change.base_version, record, change.record)
-            except SeqGap as exc:
-                raise Refused(str(exc)) from exc
-            except OSError as exc:
-                # The journal could not take it (full disk): nothing of it was applied.
-                raise Refused(f"change {change.seq} of {origin!r} cannot be journaled: "
-                              f"{exc.strerror or exc}") from exc
-            except (ValueError, TypeError, AssertionError) as exc:
-                raise Refused(f"change {change.seq} of {origin!r} cannot be applied: "
-                              f"{exc}") from exc
-            if conflict is not None:
-                if incoming.conflicts_logged < 100:
-                    incoming.conflicts_logged += 1
-                    log.error("CONFLICT: change %d of %s not applied: %s", change.seq,
-                              origin, conflict)
-            elif record.op is Op.OWN:
-                # A takeover can change every file and name of the user.
-                self.replicator.on_replaced(
-                    names_before | self.store.user_names(record.fields[0]))  # type: ignore[arg-type]
-            else:
-                self.replicator.on_applied(record, displaced)
+            if incoming.takeover:
+                # A takeover is applied with all of its content at once, never half: the
+                # files it replaces would read as zeros in between.
+                if record.op is not Op.OWN_DATA:
+                    raise Refused(f"{origin!r} sent a {record.op.name} inside the content of "
+                                  "its takeover")
+                incoming.takeover.append((change, record))
+                incoming.pieces_left -= 1
+                if incoming.pieces_left == 0:
+                    group, incoming.takeover = incoming.takeover, []
+                    for grouped in group:
+                        self._apply_one(incoming, *grouped)
+                continue
+            if record.op is Op.OWN:
+                pieces = data_pieces(unpack_manifest(record.fields[5]))  # type: ignore[arg-type]
+                if pieces:
+                    incoming.takeover, incoming.pieces_left = [(change, record)], pieces
+                    continue
+            self._apply_one(incoming, change, record)
         self.store.request_commit()
+
+    def _apply_one(self, incoming: Incoming, change: Change, record: Record) -> None:
+        origin = incoming.origin
+        displaced = [fid for fid in (self.store.lookup(d, n)
+                                     for d, n in names_changed(record)) if fid]
+        names_before = (self.store.user_names(record.fields[0])  # type: ignore[arg-type]
+                        if record.op is Op.OWN else set())
+        try:
+            conflict = self.store.apply_remote(origin, node_namespace(origin), change.seq,
+                                               change.base_version, record, change.record)
+        except SeqGap as exc:
+            raise Refused(str(exc)) from exc
+        except OSError as exc:
+            # The journal could not take it (full disk): nothing of it was applied.
+            raise Refused(f"change {change.seq} of {origin!r} cannot be journaled: "
+                          f"{exc.strerror or exc}") from exc
+        except (ValueError, TypeError, AssertionError) as exc:
+            raise Refused(f"change {change.seq} of {origin!r} cannot be applied: "
+                          f"{exc}") from exc
+        if conflict is not None:
+            if incoming.conflicts_logged < 100:
+                incoming.conflicts_logged += 1
+                log.error("CONFLICT: change %d of %s not applied: %s", change.seq,
+                          origin, conflict)
+        elif record.op is Op.OWN:
+            # A takeover can change every file and name of the user.
+            self.replicator.on_replaced(
+                names_before | self.store.user_names(record.fields[0]))  # type: ignore[arg-type]
+        else:
+            self.replicator.on_applied(record, displaced)
 
     async def _acknowledge(self, incoming: Incoming) -> None:
         state = self.replicator.peers[incoming.origin]

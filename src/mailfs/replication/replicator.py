@@ -184,16 +184,23 @@ class Replicator:
     async def take_over(self, user: bytes, timeout: float, force: bool) -> dict[str, Any]:
         """A planned move of a user to this node: wait until its owner has sent us every
         change it has (an idle Ping after all its changes), then take it over."""
-        owner = self.store.owners.get(user)
+        deadline = trio.current_time() + timeout
         waited_for = ""
-        if owner is not None and owner.node != self.node_id and owner.node in self.peers:
+        while True:
+            owner = self.store.owners.get(user)
+            if (owner is None or owner.node == self.node_id or owner.node not in self.peers
+                    or owner.node == waited_for):
+                break
+            # Another node may take the user over while we wait: then wait for that one.
             asked = time.monotonic()
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(deadline):
                 while self.idle_since.get(owner.node, 0.0) <= asked:
                     await self.idle_seen.wait()
             if self.idle_since.get(owner.node, 0.0) > asked:
                 waited_for = owner.node
-            elif not force:
+            elif force:
+                break
+            else:
                 raise OSError(errno.ETIMEDOUT, (
                     f"{owner.node} owns {user.decode(errors='replace')} and did not show "
                     f"within {timeout:.0f}s that it has sent every change (not connected?); "
