@@ -348,6 +348,9 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
+    if not result["versions"]:
+        print("no versions on this node lost to a takeover")
+        return 0
     from rich.console import Console
     from rich.table import Table
 
