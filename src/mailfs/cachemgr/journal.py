@@ -166,14 +166,7 @@ class Journal:
         records = [Record(self.seq + 1 + index, op, fields)
                    for index, (op, fields) in enumerate(changes)]
         encoded = [encode(record) for record in records]
-        data = b"".join(encoded)
-        try:
-            self._keep_loose(len(data), self.reserve_loose + self.overwrite_loose)
-            self._write(data)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                self.out_of_space = True
-            raise
+        self._write_new_space(b"".join(encoded))
         self.out_of_space = False
         self.seq = records[-1].seq
         return list(zip(records, encoded, strict=True))
@@ -330,7 +323,10 @@ class Journal:
 
     def append_remote(self, fields: tuple[Field, ...]) -> None:
         """Write a peer's change: it keeps its place in the history, but takes no seq."""
-        data = encode(Record(0, Op.REMOTE, fields))
+        self._write_new_space(encode(Record(0, Op.REMOTE, fields)))
+
+    def _write_new_space(self, data: bytes) -> None:
+        """Write records that need new space: never into what the reserve gave up."""
         try:
             self._keep_loose(len(data), self.reserve_loose + self.overwrite_loose)
             self._write(data)

@@ -793,9 +793,6 @@ class MetaStore:
                     fid = int(FID.unpack(bytes(key)[len(AWAITING_PREFIX):])[0])
                     self.awaiting[fid] = int(U64.unpack(value)[0])
 
-    def user_of(self, dirpath: bytes) -> bytes | None:
-        return user_of(dirpath, self.ownership_depth)
-
     def _users_touched(self, op: Op, fields: tuple[Field, ...]) -> set[bytes]:
         users = set()
         for dirpath in record_dirpaths(op, fields):
@@ -1041,7 +1038,6 @@ class MetaStore:
                                owner.node, owner.epoch, owner.time_ns, stored.attrs.copy(),
                                bytes(stored.content))
         self._set(b"conflicts", losing.key(), losing.pack())
-        self.ownership.losing_versions += 1
         self.losing_count += 1
         if self.losing_count > MAX_LOSING_VERSIONS + 100:
             self._forget_oldest_losing(self.losing_count - MAX_LOSING_VERSIONS)

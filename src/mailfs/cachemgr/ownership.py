@@ -277,4 +277,3 @@ class OwnershipStats:
     covered_changes: int = 0      # old owners' changes that a takeover already carried
     refused_writes: int = 0       # local writes refused (user lost here, or no majority)
     last_refused: str = ""
-    losing_versions: int = 0      # versions kept in the conflicts DB since the mount
