@@ -102,7 +102,9 @@ def main() -> int:
 
             def on_start() -> None:
                 nonlocal sampler
-                counters["before"] = control.call(sock, "status", timeout=10.0)["requests"]
+                before = control.call(sock, "status", timeout=10.0)
+                counters["before"] = before["requests"]
+                counters["getattr_before"] = before["getattr_by_kind"]
                 cpu["before"] = process_cpu_seconds(pid)
                 sampler = subprocess.Popen(
                     [spy, "record", "--nonblocking", "--format", "raw", "--rate",
@@ -111,7 +113,9 @@ def main() -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
             def on_end() -> None:
-                counters["after"] = control.call(sock, "status", timeout=10.0)["requests"]
+                after = control.call(sock, "status", timeout=10.0)
+                counters["after"] = after["requests"]
+                counters["getattr_after"] = after["getattr_by_kind"]
                 cpu["after"] = process_cpu_seconds(pid)
                 if sampler is not None:
                     sampler.send_signal(signal.SIGINT)  # py-spy writes on SIGINT
@@ -144,6 +148,10 @@ def main() -> int:
         "FUSE requests per IMAP operation:",
         *(f"  {name:<20}{value:6.2f}" for name, value in
           per_op(counters["after"], counters["before"], ops)),
+        "",
+        "getattr requests per IMAP operation, by kind of file:",
+        *(f"  {name:<20}{value:6.2f}" for name, value in
+          per_op(counters["getattr_after"], counters["getattr_before"], ops)),
         "",
         f"functions with the most CPU samples of their own (of {total}):",
         *(f"  {100 * count / max(total, 1):5.1f}%  {name}" for name, count in own),

@@ -110,6 +110,10 @@ class Config:
     # GlusterFS, MooseFS, CephFS, AFS do; sshfs renumbers files it forgot). "auto":
     # unstable on the FUSE stores known to renumber (backing.RENUMBERING_TYPES).
     backing_inodes: str = "auto"
+    # Where backing system calls run: "inline" on the trio thread (no handoff, but a call
+    # that hangs freezes the mount), "threads" on the worker pool with `backing_timeout`.
+    # "auto": inline on local filesystems (backing.LOCAL_TYPES), threads otherwise.
+    backing_calls: str = "auto"
     import_on_access: bool = True
     allow_other: bool = True
     log_level: str = "INFO"
@@ -162,7 +166,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
               "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
     "commit": {"interval": "seconds", "max_pending": "size"},
-    "backing": {"threads": "count", "timeout": "seconds", "inodes": "choice"},
+    "backing": {"threads": "count", "timeout": "seconds", "inodes": "choice",
+                "calls": "choice"},
     "classify": {"replicated": "patterns", "volatile": "patterns"},
     "log": {"level": "level", "metrics_port": "port"},
     "replication": {"node_id": "name", "cluster": "name", "listen": "address",
@@ -179,6 +184,7 @@ RENAMES = {
     ("backing", "threads"): "backing_threads",
     ("backing", "timeout"): "backing_timeout",
     ("backing", "inodes"): "backing_inodes",
+    ("backing", "calls"): "backing_calls",
     ("log", "level"): "log_level",
     ("ownership", "depth"): "ownership_depth",
     ("ownership", "policy"): "ownership_policy",
@@ -188,6 +194,7 @@ LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 # Allowed values of "choice" keys, by field name.
 CHOICES = {"durability": ("async", "sync"), "mode": ("full", "index-only"),
            "backing_inodes": ("auto", "stable", "unstable"),
+           "backing_calls": ("auto", "inline", "threads"),
            "ownership_policy": ("availability", "consistency")}
 
 

@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from mailfs import __version__, mounts
-from mailfs.cachemgr.backing import Backing, filesystem_type, stable_inodes
+from mailfs.cachemgr.backing import Backing, filesystem_type, inline_calls, stable_inodes
 from mailfs.cachemgr.metastore import MetaStore
 from mailfs.cachemgr.ownership import LosingVersion
 from mailfs.config import Config
@@ -124,6 +124,10 @@ class Daemon:
             self.backing_fs_type = filesystem_type(config.backing)
             self.fs.table.stable_inodes = stable_inodes(config.backing_inodes,
                                                          self.backing_fs_type)
+            self.backing.inline = inline_calls(config.backing_calls, self.backing_fs_type)
+            log.debug("backing store %s (%s): system calls %s", config.backing,
+                     self.backing_fs_type or "unknown type",
+                     "inline" if self.backing.inline else "on worker threads")
             if not self.fs.table.stable_inodes:
                 log.warning("the backing store (%s) may renumber files: mailfs knows passthrough "
                             "files by name there, so a file that another writer replaces under "
@@ -162,6 +166,7 @@ class Daemon:
             "backing": str(self.config.backing),
             "backing_fs_type": self.backing_fs_type,
             "backing_inodes": "stable" if self.fs.table.stable_inodes else "unstable",
+            "backing_call_mode": "inline" if self.backing.inline else "threads",
             "backing_calls": backing.calls,
             "backing_calls_by_op": dict(backing.by_call.most_common()),
             "backing_errors": backing.errors,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailfs.cachemgr.backing import filesystem_type, stable_inodes
+from mailfs.cachemgr.backing import filesystem_type, inline_calls, stable_inodes
 from mailfs.config import (
     Config,
     Peer,
@@ -336,3 +336,22 @@ def test_filesystem_type_comes_from_the_mount_table() -> None:
     assert filesystem_type("/proc/self") == "proc"
     assert filesystem_type("/") != ""
     assert filesystem_type("/no/such/path") == ""
+
+
+@pytest.mark.parametrize(("setting", "fs_type", "inline"), [
+    ("auto", "ext4", True), ("auto", "xfs", True), ("auto", "tmpfs", True),
+    ("auto", "nfs4", False), ("auto", "fuse.sshfs", False), ("auto", "cifs", False),
+    ("auto", "", False), ("inline", "nfs4", True), ("threads", "ext4", False),
+])
+def test_backing_calls_run_inline_only_on_local_filesystems(setting: str, fs_type: str,
+                                                            inline: bool) -> None:
+    assert inline_calls(setting, fs_type) is inline
+
+
+def test_backing_calls_setting() -> None:
+    assert build(EXAMPLE, {}).backing_calls == "auto"
+    values: dict[str, object] = {}
+    apply_overrides(values, {"backing_calls": "threads"})
+    assert values["backing_calls"] == "threads"
+    with pytest.raises(UserError, match="calls"):
+        apply_overrides({}, {"backing_calls": "sometimes"})

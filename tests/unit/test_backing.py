@@ -1,0 +1,69 @@
+"""The backing-store call paths: inline on the trio thread, or on the worker pool."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from mailfs.cachemgr.backing import INLINE_STREAK, Backing, BackingFd
+
+
+def thread_of_call() -> int:
+    return threading.get_ident()
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_calls_return_results_and_errors_either_way(tmp_path: Path, inline: bool
+                                                          ) -> None:
+    backing = Backing(tmp_path, 2, 5.0)
+    backing.inline = inline
+    (tmp_path / "a").write_bytes(b"hello")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backing.serve)
+        st = await backing.run(os.lstat, backing.path(b"a"))
+        assert st.st_size == 5
+        with pytest.raises(FileNotFoundError):
+            await backing.run(os.lstat, backing.path(b"missing"))
+        fd = BackingFd(os.open(tmp_path / "a", os.O_RDONLY))
+        assert await backing.run_on(fd, os.pread, 5, 0) == b"hello"
+        fd.close()
+        with pytest.raises(OSError) as closed:
+            await backing.run_on(fd, os.pread, 5, 0)
+        assert closed.value.errno == errno.EBADF
+        ran_on = await backing.run(thread_of_call)
+        # fsync-like calls always wait on a worker, inline or not.
+        waited_on = await backing.run_waiting(thread_of_call)
+        nursery.cancel_scope.cancel()
+    assert (ran_on == threading.get_ident()) is inline
+    assert waited_on != threading.get_ident()
+    assert backing.stats.inline_calls == (5 if inline else 0)
+    assert backing.stats.by_call["lstat"] == 2
+    assert backing.stats.errors == 1  # the EBADF; ENOENT is an answer, not a failure
+
+
+async def test_a_run_of_inline_calls_lets_other_tasks_in(tmp_path: Path) -> None:
+    """An import or a long listing makes many backing calls in a row; index requests
+    (other tasks) must get the loop in between."""
+    backing = Backing(tmp_path, 1, 5.0)
+    backing.inline = True
+    turns: list[int] = []
+    calls = 0
+
+    async def other_task() -> None:
+        while True:
+            turns.append(calls)
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.lowlevel.checkpoint()
+        for calls in range(1, 4 * INLINE_STREAK + 1):  # noqa: B007 (read by other_task)
+            await backing.run(os.lstat, backing.path(b""))
+        nursery.cancel_scope.cancel()
+    inside = [seen for seen in turns if 0 < seen < 4 * INLINE_STREAK]
+    assert len(inside) >= 3
