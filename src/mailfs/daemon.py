@@ -169,6 +169,7 @@ class Daemon:
             "backing_call_mode": "inline" if self.backing.inline else "threads",
             "backing_calls": backing.calls,
             "backing_calls_by_op": dict(backing.by_call.most_common()),
+            "backing_mean_ms_by_op": backing.mean_ms_by_call(),
             "backing_errors": backing.errors,
             "backing_timeouts": backing.timeouts,
             "backing_stalled_calls": self.backing.stalled_calls(),

@@ -44,6 +44,9 @@ async def test_calls_return_results_and_errors_either_way(tmp_path: Path, inline
     assert backing.stats.inline_calls == (5 if inline else 0)
     assert backing.stats.by_call["lstat"] == 2
     assert backing.stats.errors == 1  # the EBADF; ENOENT is an answer, not a failure
+    means = backing.stats.mean_ms_by_call()
+    assert set(means) == {"lstat", "pread", "thread_of_call"}
+    assert all(0 <= mean < 1000 for mean in means.values())
 
 
 async def test_a_run_of_inline_calls_lets_other_tasks_in(tmp_path: Path) -> None:
@@ -65,5 +68,8 @@ async def test_a_run_of_inline_calls_lets_other_tasks_in(tmp_path: Path) -> None
         for calls in range(1, 4 * INLINE_STREAK + 1):  # noqa: B007 (read by other_task)
             await backing.run(os.lstat, backing.path(b""))
         nursery.cancel_scope.cancel()
-    inside = [seen for seen in turns if 0 < seen < 4 * INLINE_STREAK]
-    assert len(inside) >= 3
+    # The other task runs once per slice of the loop; which side of a slice it sees the
+    # count from depends on trio's (randomized) batch order. Without the periodic yields
+    # it would get no turn at all before the loop ends.
+    before_the_end = [seen for seen in turns if seen < 4 * INLINE_STREAK]
+    assert len(before_the_end) >= 3, turns

@@ -33,7 +33,7 @@ import re
 import stat
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +121,13 @@ class BackingStats:
     last_timeout: float = 0.0
     in_flight: int = 0
     by_call: Counter[str] = field(default_factory=Counter)
+    # Wall time spent per call type: on a network store, where the round trips go.
+    seconds_by_call: defaultdict[str, float] = field(
+        default_factory=lambda: defaultdict(float))
+
+    def mean_ms_by_call(self) -> dict[str, float]:
+        return {name: round(1000 * self.seconds_by_call[name] / count, 3)
+                for name, count in self.by_call.most_common() if count}
 
 
 class BackingFd:
@@ -299,8 +306,9 @@ class Backing:
             # so cleanups must not touch the backing store (closing an fd is fine).
             self._undo(job, result)
             return
+        elapsed = time.monotonic() - job.started
+        self.stats.seconds_by_call[job.name] += elapsed
         if job.waiting is not None:  # fsyncs are slow by nature and say nothing here
-            elapsed = time.monotonic() - job.started
             self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
         if not job.abandoned and job.task is not None:
             trio.lowlevel.reschedule(job.task, result)
@@ -379,10 +387,14 @@ class Backing:
         if self._inline_streak >= INLINE_STREAK:
             self._inline_streak = 0
             await trio.lowlevel.checkpoint()
+        name = name or fn.__name__
         self.stats.calls += 1
         self.stats.inline_calls += 1
-        self.stats.by_call[name or fn.__name__] += 1
-        return self._unwrap(outcome.capture(fn, *args))  # type: ignore[no-any-return]
+        self.stats.by_call[name] += 1
+        started = time.monotonic()
+        result = outcome.capture(fn, *args)
+        self.stats.seconds_by_call[name] += time.monotonic() - started
+        return self._unwrap(result)  # type: ignore[no-any-return]
 
     def _wait_briefly(self, job: _Job) -> outcome.Outcome[Any] | None:
         """Queue the job and block up to SYNC_WAIT for it; None if it is still running."""
@@ -400,6 +412,7 @@ class Backing:
                 self._recent_seconds = SYNC_WAIT
                 return None
         elapsed = time.monotonic() - job.started
+        self.stats.seconds_by_call[job.name] += elapsed
         self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
         return job.result
 
