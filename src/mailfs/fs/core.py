@@ -181,6 +181,41 @@ class MailFS:
         if node is not None and node.kind is Kind.DIR:
             node.stat_cache = (time.monotonic(), st)
 
+    def _parent_to_stat(self, parent: Node) -> bytes | None:
+        """The backing path of a directory a change is about to touch, for the changing
+        call to lstat afterwards; None where that lstat is left out (see `_dir_changed`)."""
+        if self.backing.inline or parent.stat_cache is None:
+            return self.backing.path(self.table.dirpath(parent))
+        return None
+
+    def _parent_reference(self, parent: Node) -> bytes | os.stat_result:
+        """For calls that make a file: the parent's path to lstat, or (where that lstat is
+        left out) its last known attributes, which decide the new file's group."""
+        path = self._parent_to_stat(parent)
+        if path is not None:
+            return path
+        assert parent.stat_cache is not None
+        return parent.stat_cache[1]
+
+    def _dir_changed(self, node: Node, st: os.stat_result | None, links: int = 0) -> None:
+        """Remember a directory's attributes after a create, unlink, rename or link in it.
+
+        `st` is its lstat right after the change, taken inside the changing call, so the
+        getattr the kernel sends next is answered without another call. On a store whose
+        calls go to the worker threads (a network store) that lstat would be one more
+        round trip inside every change, so it is left out: the attributes are derived from
+        the last known ones instead (mtime and ctime now, nlink moved by `links`). They
+        expire when the ones they came from would have; the lstat after that brings the
+        store's own values back. Either value is new to Dovecot, which only compares a
+        directory's mtime with the one it saw last, so no change goes unnoticed.
+        """
+        if st is not None:
+            self._remember_dir_stat(node, st)
+            return
+        cached = node.stat_cache
+        if cached is not None:
+            node.stat_cache = (cached[0], _touched(cached[1], time.time_ns(), links))
+
     def _cached_dir_entry(self, node: Node) -> pyfuse3.EntryAttributes | None:
         """A directory's attributes from our own last change to it, while still fresh.
 
@@ -634,8 +669,8 @@ class MailFS:
         open_flags = (flags & ~(os.O_APPEND | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL
         fd, st, parent_st = await self.backing.run_undoable(
             _close_opened, _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask,
-            caller.uid, caller.gid, self.backing.path(self.table.dirpath(parent)))
-        self._remember_dir_stat(parent, parent_st)
+            caller.uid, caller.gid, self._parent_reference(parent))
+        self._dir_changed(parent, parent_st)
         node = self.table.placed(parent, name, Kind.PASSTHROUGH, backing_identity(st))
         node.lookups += 1
         node.opens += 1
@@ -723,8 +758,8 @@ class MailFS:
         relative = self.table.child_path(parent, name)
         st, parent_st = await self.backing.run(
             _mkdir_owned, self.backing.path(relative), mode & 0o7777 & ~caller.umask,
-            caller.uid, caller.gid, self.backing.path(self.table.dirpath(parent)))
-        self._remember_dir_stat(parent, parent_st)
+            caller.uid, caller.gid, self._parent_reference(parent))
+        self._dir_changed(parent, parent_st, links=1)
         # A directory made here holds no index files on the backing path to import.
         self.store.mark_imported(relative)
         node = self.table.placed(parent, name, Kind.DIR, backing_identity(st))
@@ -755,8 +790,8 @@ class MailFS:
             with self._changing_names(self.table.nodes.get(known) if known else None):
                 parent_st = await self.backing.run(
                     _unlink, self.backing.path(self.table.child_path(parent, name)),
-                    self.backing.path(dirpath))
-                self._remember_dir_stat(parent, parent_st)
+                    self._parent_to_stat(parent))
+                self._dir_changed(parent, parent_st)
                 self.table.unplace(parent.inode, name)
 
     def _release_if_unused(self, fid: int) -> None:
@@ -898,10 +933,16 @@ class MailFS:
         with renaming, self._changing_names(replaced):
             src_st, dst_st = await self.backing.run(
                 _rename, self.backing.path(old_rel), self.backing.path(new_rel), noreplace,
-                self.backing.path(self.table.dirpath(src_dir)),
-                self.backing.path(self.table.dirpath(dst_dir)))
-            self._remember_dir_stat(src_dir, src_st)
-            self._remember_dir_stat(dst_dir, dst_st)
+                self._parent_to_stat(src_dir), self._parent_to_stat(dst_dir))
+            # Each subdirectory's ".." is a link of its parent: a directory moving to
+            # another parent takes one along, and one it replaces takes its own away.
+            lost_link = 1 if replaced is not None and replaced.kind is Kind.DIR else 0
+            if dst_dir is src_dir:
+                self._dir_changed(src_dir, src_st, -lost_link)
+            else:
+                moved_link = 1 if is_dir else 0
+                self._dir_changed(src_dir, src_st, -moved_link)
+                self._dir_changed(dst_dir, dst_st, moved_link - lost_link)
             if is_dir:
                 self.store.rename_dir(old_rel, new_rel)
                 self._rename_volatile_dir(old_rel, new_rel)
@@ -953,8 +994,8 @@ class MailFS:
                 parent_st = await self.backing.run(
                     _hardlink, self.backing.path(source),
                     self.backing.path(self.table.child_path(parent, new_name)),
-                    self.backing.path(dirpath))
-                self._remember_dir_stat(parent, parent_st)
+                    self._parent_to_stat(parent))
+                self._dir_changed(parent, parent_st)
                 self.table.entries[(parent.inode, new_name)] = node.inode
                 node.aliases.append((parent.inode, new_name))
         else:
@@ -1319,13 +1360,38 @@ def statvfs_data(st: os.statvfs_result) -> pyfuse3.StatvfsData:
 # directory's attributes right after such a change, and this answers without another call.
 
 
-def _create_owned(path: bytes, flags: int, mode: int, uid: int, gid: int, parent: bytes
-                  ) -> tuple[int, os.stat_result, os.stat_result]:
+def _parent_stat(parent: bytes | os.stat_result) -> tuple[os.stat_result, bool]:
+    """(the parent's attributes, whether they were just taken)."""
+    if isinstance(parent, bytes):
+        return os.lstat(parent), True
+    return parent, False
+
+
+def _touched(st: os.stat_result, now_ns: int, links: int) -> os.stat_result:
+    """A directory's attributes after a change in it that mailfs made (see _dir_changed)."""
+    fields = [getattr(st, name) for name in _STAT_FIELDS]
+    fields[3] += links
+    fields[8] = fields[9] = now_ns // 1_000_000_000
+    fields[11] = fields[12] = now_ns / 1e9
+    fields[14] = fields[15] = now_ns
+    return os.stat_result(fields)
+
+
+# os.stat_result's fields in the order its constructor takes them.
+_STAT_FIELDS = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
+                "st_atime", "st_mtime", "st_ctime", "st_atime", "st_mtime", "st_ctime",
+                "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blksize", "st_blocks",
+                "st_rdev")
+
+
+def _create_owned(path: bytes, flags: int, mode: int, uid: int, gid: int,
+                  parent: bytes | os.stat_result
+                  ) -> tuple[int, os.stat_result, os.stat_result | None]:
     fd = os.open(path, flags, mode)
     try:
-        parent_st = os.lstat(parent)
+        parent_st, fresh = _parent_stat(parent)
         st = _settle(fd, os.fstat(fd), uid, gid, mode, parent_st)
-        return fd, st, parent_st
+        return fd, st, parent_st if fresh else None
     except BaseException:
         os.close(fd)
         os.unlink(path)
@@ -1410,20 +1476,21 @@ def _readlink_stat(path: bytes) -> tuple[bytes, os.stat_result]:
     return os.readlink(path), st
 
 
-def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int, parent: bytes
-                 ) -> tuple[os.stat_result, os.stat_result]:
+def _mkdir_owned(path: bytes, mode: int, uid: int, gid: int, parent: bytes | os.stat_result
+                 ) -> tuple[os.stat_result, os.stat_result | None]:
     os.mkdir(path, mode)
     try:
-        parent_st = os.lstat(parent)
-        return _settle(path, os.lstat(path), uid, gid, mode, parent_st), parent_st
+        parent_st, fresh = _parent_stat(parent)
+        st = _settle(path, os.lstat(path), uid, gid, mode, parent_st)
+        return st, parent_st if fresh else None
     except BaseException:
         os.rmdir(path)
         raise
 
 
-def _unlink(path: bytes, parent: bytes) -> os.stat_result:
+def _unlink(path: bytes, parent: bytes | None) -> os.stat_result | None:
     os.unlink(path)
-    return os.lstat(parent)
+    return None if parent is None else os.lstat(parent)
 
 
 def _rmdir_with_stale_copies(path: bytes, parent: bytes,
@@ -1478,21 +1545,23 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
-def _rename(old: bytes, new: bytes, noreplace: bool, old_parent: bytes, new_parent: bytes
-            ) -> tuple[os.stat_result, os.stat_result]:
+def _rename(old: bytes, new: bytes, noreplace: bool, old_parent: bytes | None,
+            new_parent: bytes | None) -> tuple[os.stat_result | None, os.stat_result | None]:
     if not noreplace:
         os.rename(old, new)
     # os.rename cannot refuse to clobber; renameat2 does it atomically in the kernel.
     elif _LIBC.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, _RENAME_NOREPLACE) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), new)
-    old_st = os.lstat(old_parent)
-    return old_st, old_st if new_parent == old_parent else os.lstat(new_parent)
+    old_st = None if old_parent is None else os.lstat(old_parent)
+    if new_parent == old_parent:
+        return old_st, old_st
+    return old_st, None if new_parent is None else os.lstat(new_parent)
 
 
-def _hardlink(source: bytes, target: bytes, parent: bytes) -> os.stat_result:
+def _hardlink(source: bytes, target: bytes, parent: bytes | None) -> os.stat_result | None:
     os.link(source, target, follow_symlinks=False)
-    return os.lstat(parent)
+    return None if parent is None else os.lstat(parent)
 
 
 def _apply_setattr(path: bytes, fd: BackingFd | None, size: int | None, mode: int | None,
