@@ -316,6 +316,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             if not self.index_only:
                 await nursery.start(self.backing.serve)
+                await nursery.start(self.fs.read_listings)
             await nursery.start(self.store.run_committer)
             await nursery.start(self.fs.invalidator.run)
             await nursery.start(self.fs.passthrough_invalidator.run)

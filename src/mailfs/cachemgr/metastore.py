@@ -793,6 +793,14 @@ class MetaStore:
                     fid = int(FID.unpack(bytes(key)[len(AWAITING_PREFIX):])[0])
                     self.awaiting[fid] = int(U64.unpack(value)[0])
 
+    def users_of_change(self, record: Record) -> set[bytes] | None:
+        """The user directories a change touches; None where that is unknown (no
+        ownership, or a change above the user level)."""
+        users = self._users_touched(record.op, record.fields)
+        if record.op is Op.OWN:
+            users.add(record.fields[0])  # type: ignore[arg-type]
+        return users or None
+
     def _users_touched(self, op: Op, fields: tuple[Field, ...]) -> set[bytes]:
         users = set()
         for dirpath in record_dirpaths(op, fields):

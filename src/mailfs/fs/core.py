@@ -31,9 +31,11 @@ import trio
 
 from mailfs.cachemgr.backing import Backing, BackingFd
 from mailfs.cachemgr.metastore import MetaStore, StoredFile
+from mailfs.cachemgr.ownership import user_of
 from mailfs.cachemgr.records import Attrs, Op, Record, key_problem, path_problem
 from mailfs.fs.classifier import Classifier, FileClass
 from mailfs.fs.invalidation import KernelInvalidator
+from mailfs.fs.listings import ListingCache
 from mailfs.fs.nodes import (
     ROOT,
     Handle,
@@ -57,6 +59,10 @@ DEVICE_NUMBER = struct.Struct("<Q")
 NAME_MAX = 255  # ext4's, and what peers accept in a record
 # Missing passthrough names remembered for `mailfs flush --caches` (about 100 bytes each).
 REMEMBERED_MISSING = 10_000
+# Directories up to this size (ext4: about 100 names per 4 KiB) are read in the background
+# after a lookup in them missed, so that the next lookups of missing names need no round
+# trip. Bigger ones are only kept when the kernel lists them anyway (readdir).
+SMALL_DIRECTORY_BYTES = 64 << 10
 DROP_CHUNK = 10_000  # nodes handled between two yields of `drop_caches`
 
 
@@ -119,6 +125,10 @@ class MailFS:
         self.passthrough_invalidator = KernelInvalidator()
         self.missing: OrderedDict[tuple[int, bytes], None] = OrderedDict()
         self.caches_dropped = 0
+        # Names of passthrough directories, on stores where a lookup is a round trip.
+        self.listings = ListingCache(timeouts.passthrough)
+        self._listings_wanted: OrderedDict[int, None] = OrderedDict()
+        self._listings_wake = trio.Event()
         # Sync replication: what fsync of an index file waits for after the local commit.
         self.wait_replicated: Callable[[int], Awaitable[None]] | None = None
         store.in_use = self.table.fid_inode.__contains__
@@ -331,6 +341,9 @@ class MailFS:
         stale = self._stalled_dir_entry(parent, name)
         if stale is not None:
             return stale
+        if self._listed_missing(parent, name):
+            self._remember_missing(parent.inode, name)
+            return self._negative(self.timeouts.passthrough)
         try:
             st = await self._backing_stat(self.table.child_path(parent, name))
         except FileNotFoundError:
@@ -341,6 +354,79 @@ class MailFS:
         self._remember_dir_stat(node, st)
         node.lookups += 1
         return self._stat_entry(node, st)
+
+    # ------------------------------------------------------------------ directory names
+
+    @property
+    def listings_enabled(self) -> bool:
+        """Only where a lookup costs a round trip: on a local disk, the lstat is cheaper
+        than keeping the names."""
+        return not self.backing.inline
+
+    def _listed_missing(self, parent: Node, name: bytes) -> bool:
+        """Whether a fresh listing of `parent` says `name` is missing; without one, a small
+        directory is queued to be read in the background for the lookups after this."""
+        if not self.listings_enabled:
+            return False
+        missing = self.listings.is_missing(parent.inode, name, time.monotonic())
+        if missing is None:
+            cached = parent.stat_cache
+            if cached is not None and cached[1].st_size <= SMALL_DIRECTORY_BYTES:
+                self._listings_wanted[parent.inode] = None
+                self._listings_wake.set()
+            return False
+        return missing
+
+    async def read_listings(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                            ) -> None:
+        """Reads the directories `_listed_missing` queued, one at a time."""
+        task_status.started()
+        while True:
+            await self._listings_wake.wait()
+            self._listings_wake = trio.Event()
+            while self._listings_wanted:
+                inode, _ = self._listings_wanted.popitem(last=False)
+                node = self.table.nodes.get(inode)
+                if node is None or node.kind is not Kind.DIR or node.fid or (
+                        self.listings.fresh(inode, time.monotonic())):
+                    continue
+                await self._read_listing(node)
+
+    async def _read_listing(self, node: Node) -> None:
+        dirpath = self.table.dirpath(node)
+        token = self.listings.begin_read(node.inode)
+        read_at = time.monotonic()
+        names: set[bytes] | None = None
+        try:
+            names = set(await self.backing.run(os.listdir, self.backing.path(dirpath)))
+        except OSError:
+            pass  # the lookups go to the store, as without a listing
+        finally:
+            self.listings.finish_read(node.inode, token, names, self._user_of(dirpath),
+                                      read_at)
+
+    def _user_of(self, dirpath: bytes) -> bytes | None:
+        return user_of(dirpath, self.store.ownership_depth)
+
+    def peer_changed(self, users: set[bytes] | None) -> None:
+        """A peer changed these users' index files (None: can't tell whose), and with them,
+        perhaps, their mail files on the shared store: their listings are stale."""
+        if users is None:
+            self.listings.drop_all()
+            return
+        for user in users:
+            self.listings.drop_user(user)
+
+    @contextlib.contextmanager
+    def _listing_change(self, *dirs: Node) -> Iterator[None]:
+        """Around a backing call that changes names in `dirs`: if it fails, it may still
+        have happened (a timeout), so their listings are dropped."""
+        try:
+            yield
+        except BaseException:
+            for node in dirs:
+                self.listings.uncertain(node.inode)
+            raise
 
     async def getattr(self, inode: int, count_lookup: bool = False) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
@@ -667,9 +753,11 @@ class MailFS:
                                   ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self.backing.path(self.table.child_path(parent, name))
         open_flags = (flags & ~(os.O_APPEND | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL
-        fd, st, parent_st = await self.backing.run_undoable(
-            _close_opened, _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask,
-            caller.uid, caller.gid, self._parent_reference(parent))
+        with self._listing_change(parent):
+            fd, st, parent_st = await self.backing.run_undoable(
+                _close_opened, _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask,
+                caller.uid, caller.gid, self._parent_reference(parent))
+        self.listings.added(parent.inode, name)
         self._dir_changed(parent, parent_st)
         node = self.table.placed(parent, name, Kind.PASSTHROUGH, backing_identity(st))
         node.lookups += 1
@@ -716,9 +804,12 @@ class MailFS:
     async def _make_passthrough(self, parent: Node, name: bytes,
                                 maker: Callable[..., os.stat_result],
                                 *args: Any) -> pyfuse3.EntryAttributes:
-        st, parent_st = await self.backing.run(
-            _made_with_parent, maker, self.backing.path(self.table.child_path(parent, name)),
-            self.backing.path(self.table.dirpath(parent)), *args)
+        with self._listing_change(parent):
+            st, parent_st = await self.backing.run(
+                _made_with_parent, maker,
+                self.backing.path(self.table.child_path(parent, name)),
+                self.backing.path(self.table.dirpath(parent)), *args)
+        self.listings.added(parent.inode, name)
         self._remember_dir_stat(parent, parent_st)
         node = self.table.placed(parent, name, Kind.PASSTHROUGH, backing_identity(st))
         node.lookups += 1
@@ -756,14 +847,17 @@ class MailFS:
             log.warning("refusing mkdir of %r: the name belongs to an index or lock file", name)
             raise oserror(errno.EPERM, "name reserved for index files")
         relative = self.table.child_path(parent, name)
-        st, parent_st = await self.backing.run(
-            _mkdir_owned, self.backing.path(relative), mode & 0o7777 & ~caller.umask,
-            caller.uid, caller.gid, self._parent_reference(parent))
+        with self._listing_change(parent):
+            st, parent_st = await self.backing.run(
+                _mkdir_owned, self.backing.path(relative), mode & 0o7777 & ~caller.umask,
+                caller.uid, caller.gid, self._parent_reference(parent))
+        self.listings.added(parent.inode, name)
         self._dir_changed(parent, parent_st, links=1)
         # A directory made here holds no index files on the backing path to import.
         self.store.mark_imported(relative)
         node = self.table.placed(parent, name, Kind.DIR, backing_identity(st))
         node.import_checked = True
+        self._remember_dir_stat(node, st)
         node.lookups += 1
         return self._stat_entry(node, st)
 
@@ -788,9 +882,11 @@ class MailFS:
         else:
             known = self.table.entries.get((parent.inode, name))
             with self._changing_names(self.table.nodes.get(known) if known else None):
-                parent_st = await self.backing.run(
-                    _unlink, self.backing.path(self.table.child_path(parent, name)),
-                    self._parent_to_stat(parent))
+                with self._listing_change(parent):
+                    parent_st = await self.backing.run(
+                        _unlink, self.backing.path(self.table.child_path(parent, name)),
+                        self._parent_to_stat(parent))
+                self.listings.removed(parent.inode, name)
                 self._dir_changed(parent, parent_st)
                 self.table.unplace(parent.inode, name)
 
@@ -822,9 +918,11 @@ class MailFS:
             await self.import_directory(relative)
         if self.store.names_in(relative) or self._volatile_in(relative):
             raise oserror(errno.ENOTEMPTY)
-        parent_st = await self.backing.run(
-            _rmdir_with_stale_copies, self.backing.path(relative),
-            self.backing.path(self.table.dirpath(parent)), self._hidden_name)
+        with self._listing_change(parent):
+            parent_st = await self.backing.run(
+                _rmdir_with_stale_copies, self.backing.path(relative),
+                self.backing.path(self.table.dirpath(parent)), self._hidden_name)
+        self.listings.removed(parent.inode, name)
         self._remember_dir_stat(parent, parent_st)
         self.store.remove_dir(relative)
         self.table.unplace(parent.inode, name)
@@ -931,9 +1029,12 @@ class MailFS:
         replaced = self.table.nodes.get(replaced_inode) if replaced_inode else None
         renaming = self._renaming_directory() if is_dir else self._changing_names(moving)
         with renaming, self._changing_names(replaced):
-            src_st, dst_st = await self.backing.run(
-                _rename, self.backing.path(old_rel), self.backing.path(new_rel), noreplace,
-                self._parent_to_stat(src_dir), self._parent_to_stat(dst_dir))
+            with self._listing_change(src_dir, dst_dir):
+                src_st, dst_st = await self.backing.run(
+                    _rename, self.backing.path(old_rel), self.backing.path(new_rel),
+                    noreplace, self._parent_to_stat(src_dir), self._parent_to_stat(dst_dir))
+            self.listings.removed(src_dir.inode, old_name)
+            self.listings.added(dst_dir.inode, new_name)
             # Each subdirectory's ".." is a link of its parent: a directory moving to
             # another parent takes one along, and one it replaces takes its own away.
             lost_link = 1 if replaced is not None and replaced.kind is Kind.DIR else 0
@@ -991,10 +1092,12 @@ class MailFS:
                 raise oserror(errno.EXDEV)
             source = self.table.child_path(self.table.nodes[node.parent], node.name)
             with self._changing_names(node):
-                parent_st = await self.backing.run(
-                    _hardlink, self.backing.path(source),
-                    self.backing.path(self.table.child_path(parent, new_name)),
-                    self._parent_to_stat(parent))
+                with self._listing_change(parent):
+                    parent_st = await self.backing.run(
+                        _hardlink, self.backing.path(source),
+                        self.backing.path(self.table.child_path(parent, new_name)),
+                        self._parent_to_stat(parent))
+                self.listings.added(parent.inode, new_name)
                 self._dir_changed(parent, parent_st)
                 self.table.entries[(parent.inode, new_name)] = node.inode
                 node.aliases.append((parent.inode, new_name))
@@ -1209,7 +1312,17 @@ class MailFS:
         dirpath = self.table.dirpath(parent)
         if self.import_on_access and not parent.import_checked:
             await self._import_dir(parent, dirpath)
-        backing_entries = await self.backing.run(_list_with_stats, self.backing.path(dirpath))
+        token = self.listings.begin_read(parent.inode)
+        read_at = time.monotonic()
+        backing_entries: list[tuple[bytes, os.stat_result]] | None = None
+        try:
+            backing_entries = await self.backing.run(_list_with_stats,
+                                                     self.backing.path(dirpath))
+        finally:
+            names = None if backing_entries is None or not self.listings_enabled else {
+                name for name, _ in backing_entries}
+            self.listings.finish_read(parent.inode, token, names, self._user_of(dirpath),
+                                      read_at)
         result: list[tuple[bytes, pyfuse3.EntryAttributes, Node]] = []
         for name, st in backing_entries:
             if self.classifier.classify(name) is not FileClass.PASSTHROUGH:
@@ -1330,6 +1443,7 @@ class MailFS:
         for parent, name in self.missing:
             invalidate.entry(parent, name)
         missing, self.missing = len(self.missing), OrderedDict()
+        self.listings.drop_all()
         self.caches_dropped += 1
         return {"inodes": inodes, "entries": entries, "missing_names": missing}
 
@@ -1342,6 +1456,12 @@ class MailFS:
             "volatile_files": len(self.volatile),
             "volatile_bytes": sum(len(v.content) for v in self.volatile.values()),
             "getattr_by_kind": dict(self.getattr_by_kind),
+            "listings": len(self.listings),
+            "listing_names": self.listings.names,
+            "listing_missing_answered": self.listings.stats.missing_answered,
+            "listings_read": self.listings.stats.listings_read,
+            "listings_discarded": self.listings.stats.listings_discarded,
+            "listings_dropped": self.listings.stats.listings_dropped,
         }
 
 
