@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ def counters(mount: MailfsMount) -> dict[str, int]:
     return {key: value for key, value in status.items() if key.startswith("listing")}
 
 
+def read_since(mount: MailfsMount, reads: int) -> bool:
+    return counters(mount)["listings_read"] > reads
+
+
 def listing_ready(mount: MailfsMount, directory: Path) -> None:
     """A fresh listing of `directory`: a miss there queues the background read."""
     for attempt in range(50):
@@ -36,7 +41,7 @@ def listing_ready(mount: MailfsMount, directory: Path) -> None:
         if after["listing_missing_answered"] > before["listing_missing_answered"]:
             return
         if attempt == 0:
-            wait_for(lambda: counters(mount)["listings_read"] > before["listings_read"],
+            wait_for(partial(read_since, mount, before["listings_read"]),
                      timeout=10, what="the background listing read")
     raise AssertionError("the listing never answered")
 
