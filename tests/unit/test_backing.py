@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,38 @@ async def test_a_run_of_inline_calls_lets_other_tasks_in(tmp_path: Path) -> None
     # it would get no turn at all before the loop ends.
     before_the_end = [seen for seen in turns if seen < 4 * INLINE_STREAK]
     assert len(before_the_end) >= 3, turns
+
+
+
+ROUND_TRIP = {"seconds": 0.005}
+
+
+def round_trip_call() -> None:
+    time.sleep(ROUND_TRIP["seconds"])
+
+
+def cached_call() -> None:
+    pass
+
+
+async def test_the_fast_path_stands_aside_per_kind_of_call(tmp_path: Path) -> None:
+    """On a network store a rename is a round trip and a write is not: waiting on the trio
+    thread for each round trip would hold every other request behind it."""
+    backing = Backing(tmp_path, 2, 5.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backing.serve)
+        for _ in range(20):
+            await backing.run(round_trip_call)
+            await backing.run(cached_call)
+        assert not backing.quick_path("round_trip_call")
+        assert backing.quick_path("cached_call")
+        # Calls that no longer wait briefly are still timed: a kind that got fast (the
+        # store recovered) takes the fast path again.
+        ROUND_TRIP["seconds"] = 0.0
+        try:
+            for _ in range(60):
+                await backing.run(round_trip_call)
+        finally:
+            ROUND_TRIP["seconds"] = 0.005
+        assert backing.quick_path("round_trip_call")
+        nursery.cancel_scope.cancel()

@@ -13,8 +13,11 @@ suspending the trio task, waking the loop through its wakeup socket and reschedu
 far more than that. So the trio thread first waits up to SYNC_WAIT for the worker (the GIL
 is released meanwhile) and takes the result directly. Only a call that is still running
 then is handed back through run_sync_soon. The trio thread is thus held for at most
-SYNC_WAIT per call, and not at all once calls have been slow lately (a stalled NFS server):
-index-file requests never wait behind the backing store for longer than that.
+SYNC_WAIT per call, and not at all for a kind of call (lstat, rename, ...) that has been
+slow lately: on a network store a rename or a lookup of a missing name is a round trip while
+a write or an fstat is answered from the client's cache, and waiting 2 ms for each round
+trip would serialize every request behind it. During a stall the fast path stands aside
+entirely. Index-file requests never wait behind the backing store for longer than that.
 
 Inline calls: even the fast path costs a queue, a lock and two GIL handovers, measured at
 about 100 µs per call, which is most of a passthrough request over a local disk. A backing
@@ -181,8 +184,8 @@ class BackingFd:
 
 
 class _Job:
-    __slots__ = ("abandoned", "args", "cleanup", "done", "fn", "name", "result", "started",
-                 "task", "waiting")
+    __slots__ = ("abandoned", "args", "cleanup", "done", "fn", "name", "rated", "result",
+                 "started", "task", "waiting")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[object, ...],
                  task: trio.lowlevel.Task | None,
@@ -196,8 +199,10 @@ class _Job:
         self.started = time.monotonic()
         self.abandoned = False
         # While `waiting` is True the trio thread blocks on `done` for the result; None
-        # marks a call that never took the fast path (it does not rate the backing store).
+        # marks a call that never took the fast path.
         self.waiting: bool | None = None
+        # Whether its time counts for the fast path of its kind (fsyncs are slow by nature).
+        self.rated = True
         self.done: Any = None
         self.result: outcome.Outcome[Any] | None = None
 
@@ -214,7 +219,8 @@ class Backing:
         self._token: trio.lowlevel.TrioToken | None = None
         # Decides between the two ways of handing a result back (see the module docstring).
         self._handoff = threading.Lock()
-        self._recent_seconds = 0.0
+        # Recent time per kind of call (exponential average), for the fast path.
+        self._recent: dict[str, float] = {}
         self._probe_job: _Job | None = None
         self.root_ok = True
         # The backing root as mounted: an NFS mount that went away leaves an empty
@@ -308,8 +314,8 @@ class Backing:
             return
         elapsed = time.monotonic() - job.started
         self.stats.seconds_by_call[job.name] += elapsed
-        if job.waiting is not None:  # fsyncs are slow by nature and say nothing here
-            self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
+        if job.rated:
+            self._note_time(job.name, elapsed)
         if not job.abandoned and job.task is not None:
             trio.lowlevel.reschedule(job.task, result)
 
@@ -331,30 +337,33 @@ class Backing:
         """Run fn(*args) on a worker; quick calls come back without leaving the task."""
         if self.inline:
             return await self._run_inline(fn, args, "")
-        return await self._run(fn, args, self._recent_seconds < SLOW_CALL)
+        return await self._run(fn, args, self.quick_path(fn.__name__))
 
     async def run_waiting(self, fn: Callable[..., T], *args: object) -> T:
         """For calls that wait for the disk (fsync): the loop keeps serving meanwhile."""
-        return await self._run(fn, args, False)
+        return await self._run(fn, args, False, rated=False)
 
     async def run_undoable(self, cleanup: Callable[[T], object], fn: Callable[..., T],
                            *args: object) -> T:
         """Like run; if the caller has been failed by then, cleanup(result) runs instead."""
         if self.inline:
             return await self._run_inline(fn, args, "")
-        return await self._run(fn, args, self._recent_seconds < SLOW_CALL, cleanup)
+        return await self._run(fn, args, self.quick_path(fn.__name__), cleanup)
 
     async def run_on(self, fd: BackingFd, fn: Callable[..., T], *args: object,
                      waiting: bool = False) -> T:
         """fn(fd number, *args) on a worker; the number cannot be reused meanwhile."""
         if self.inline and not waiting:
             return await self._run_inline(fd.call, (fn, *args), fn.__name__)
-        quick = not waiting and self._recent_seconds < SLOW_CALL
-        return await self._run(fd.call, (fn, *args), quick, name=fn.__name__)
+        quick = not waiting and self.quick_path(fn.__name__)
+        return await self._run(fd.call, (fn, *args), quick, name=fn.__name__,
+                               rated=not waiting)
 
     async def _run(self, fn: Callable[..., T], args: tuple[object, ...], quick: bool,
-                   cleanup: Callable[[T], object] | None = None, name: str = "") -> T:
+                   cleanup: Callable[[T], object] | None = None, name: str = "",
+                   rated: bool = True) -> T:
         job = _Job(fn, args, trio.lowlevel.current_task(), cleanup, name)
+        job.rated = rated
         self.stats.calls += 1
         self.stats.by_call[job.name] += 1
         if quick:
@@ -409,12 +418,19 @@ class Backing:
                 job.waiting = finished
             if not finished:
                 self._in_flight.add(job)
-                self._recent_seconds = SYNC_WAIT
+                self._recent[job.name] = SYNC_WAIT
                 return None
         elapsed = time.monotonic() - job.started
         self.stats.seconds_by_call[job.name] += elapsed
-        self._recent_seconds = 0.9 * self._recent_seconds + 0.1 * elapsed
+        self._note_time(job.name, elapsed)
         return job.result
+
+    def quick_path(self, name: str) -> bool:
+        """Whether a call of this kind waits briefly on the trio thread (module docstring)."""
+        return self._recent.get(name, 0.0) < SLOW_CALL and not self.stalled()
+
+    def _note_time(self, name: str, elapsed: float) -> None:
+        self._recent[name] = 0.9 * self._recent.get(name, 0.0) + 0.1 * elapsed
 
     def _unwrap(self, result: outcome.Outcome[Any]) -> Any:
         try:

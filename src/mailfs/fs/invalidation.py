@@ -7,6 +7,13 @@ behind the kernel's back, that is, when a peer's change is applied here.
 pyfuse3's notify calls wait for the kernel to drop the pages, and dropping a page can wait
 for a read that this daemon has not answered yet: called on the trio thread, that would
 deadlock. So they run on a worker thread, batched, while the trio thread keeps serving.
+
+Every name is invalidated twice, the second time ENTRY_RECHECK later. A lookup answered just
+before a peer's change was applied can still be on its way into the kernel when the first
+invalidation runs: the kernel then makes its dentry (a missing index file, kept for
+`index_timeout`) after the invalidation, and nothing else would remove it. Seen once: a peer
+renamed a folder while this node looked up the new name; the folder's index files then
+stayed missing here.
 """
 
 from __future__ import annotations
@@ -22,11 +29,16 @@ from mailfs.fs.nodes import InodeTable
 
 log = logging.getLogger(__name__)
 
+# Long enough for a lookup reply already written to the kernel to have made its dentry.
+ENTRY_RECHECK = 0.2
+
 
 class KernelInvalidator:
     def __init__(self) -> None:
         self._inodes: set[int] = set()
         self._entries: set[tuple[int, bytes]] = set()
+        # Queued entries that are a second pass already (see the module docstring).
+        self._rechecks: set[tuple[int, bytes]] = set()
         self._wake = trio.Event()
         self._batches_taken = 0
         self._batches_sent = 0
@@ -40,23 +52,35 @@ class KernelInvalidator:
 
     def entry(self, parent_inode: int, name: bytes) -> None:
         self._entries.add((parent_inode, name))
+        self._rechecks.discard((parent_inode, name))  # a new change: two passes again
         self._wake.set()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            inodes, entries = self._inodes, self._entries
-            self._inodes, self._entries = set(), set()
-            self._batches_taken += 1
-            try:
-                await trio.to_thread.run_sync(self._notify, inodes, entries)
-            finally:
-                self._batches_sent += 1
-                done, self._batch_sent = self._batch_sent, trio.Event()
-                done.set()
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                inodes, entries = self._inodes, self._entries
+                self._inodes, self._entries = set(), set()
+                fresh = entries - self._rechecks
+                self._rechecks = set()
+                self._batches_taken += 1
+                try:
+                    await trio.to_thread.run_sync(self._notify, inodes, entries)
+                finally:
+                    self._batches_sent += 1
+                    done, self._batch_sent = self._batch_sent, trio.Event()
+                    done.set()
+                if fresh:
+                    nursery.start_soon(self._recheck, fresh)
+
+    async def _recheck(self, entries: set[tuple[int, bytes]]) -> None:
+        await trio.sleep(ENTRY_RECHECK)
+        self._rechecks |= entries - self._entries
+        self._entries |= entries
+        self._wake.set()
 
     async def drain(self, timeout: float) -> int:
         """Wait (at most `timeout` s) until everything asked for before this call has
