@@ -250,10 +250,12 @@ class Daemon:
         target = request.get("save")
         saved = []
         if target is not None:
-            if not isinstance(target, str) or not os.path.isdir(target):
+            if not isinstance(target, str) or not target:
                 raise UserError("conflicts --save needs an existing directory")
-            if mounts_inside(target, self.config.mountpoint):
-                raise UserError("conflicts --save must not be inside the mount itself")
+            problem = await trio.to_thread.run_sync(
+                target_problem, target, self.config.mountpoint, "conflicts --save")
+            if problem:
+                raise UserError(problem)
             saved = await trio.to_thread.run_sync(save_losing_versions, target, versions)
         purged = self.store.purge_losing_versions() if request.get("purge") else 0
         return {"versions": [version_summary(v) for v in versions], "saved": saved,
@@ -292,11 +294,14 @@ class Daemon:
     async def _export(self, request: dict[str, Any]) -> dict[str, Any]:
         target = request.get("to")
         if isinstance(self.fs, IndexOnlyFS):
-            if not isinstance(target, str) or not os.path.isdir(target):
+            if not isinstance(target, str) or not target:
                 raise UserError("an index-only mount exports to an existing directory: give "
                                 "--to DIR")
-            if mounts_inside(target, self.config.mountpoint):
-                raise UserError("export --to must not be inside the mount itself")
+            # On a worker thread: a target inside this mount is answered by this trio thread.
+            problem = await trio.to_thread.run_sync(
+                target_problem, target, self.config.mountpoint, "export --to")
+            if problem:
+                raise UserError(problem)
             try:
                 return {"exported": await self.fs.export_to(target)}
             except OSError as exc:
@@ -373,6 +378,17 @@ def save_losing_versions(target: str, versions: list[LosingVersion]) -> list[str
             out.write(version.content)
         written.append(path)
     return written
+
+
+def target_problem(target: str, mountpoint: Path, option: str) -> str:
+    """What is wrong with a directory an admin command writes to, if anything. Touches the
+    filesystem, so never on the trio thread: a path inside the mount would wait for the
+    very thread that answers it."""
+    if mounts_inside(target, mountpoint):
+        return f"{option} must not be inside the mount itself"
+    if not os.path.isdir(target):
+        return f"{option} needs an existing directory"
+    return ""
 
 
 def mounts_inside(path: str, mountpoint: Path) -> bool:

@@ -174,6 +174,12 @@ def test_migration_onto_and_off_an_index_only_mount(index_mount: MailfsMount,
                      str(index_mount.mountpoint / "alice"))
     assert result.returncode != 0
     assert "inside the mount" in result.stderr
+    # A name the kernel has never looked up: checking it is a request to this very daemon,
+    # which must not be waiting on its own trio thread for the answer (it hung there).
+    result = run_cli("export", str(index_mount.mountpoint), "--to",
+                     str(index_mount.mountpoint / "alice" / "never-looked-up"), timeout=30)
+    assert result.returncode != 0
+    assert "inside the mount" in result.stderr
 
 
 def test_a_backing_path_and_index_only_do_not_mix(base: Path) -> None:

@@ -96,8 +96,8 @@ def filesystem_type(path: Path | str) -> str:
 # every FUSE store, unknown types) is treated as able to stall.
 LOCAL_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", "reiserfs",
                          "nilfs2", "bcachefs", "zfs", "tmpfs", "ramfs"})
-# An inline caller yields to the other trio tasks after this many calls in a row, so that a
-# long run of backing calls (an import, a big listing) never starves index requests.
+# Every this many inline calls, the caller first yields to the other trio tasks, so that a
+# long run of backing calls (an import, a big scan) never starves index requests.
 INLINE_STREAK = 32
 
 
