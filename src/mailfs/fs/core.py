@@ -188,8 +188,18 @@ class MailFS:
                            st.st_rdev)
 
     def _remember_dir_stat(self, node: Node | None, st: os.stat_result) -> None:
-        if node is not None and node.kind is Kind.DIR:
-            node.stat_cache = (time.monotonic(), st)
+        if node is None or node.kind is not Kind.DIR:
+            return
+        cached = node.stat_cache
+        if node.stat_derived and cached is not None and (
+                st.st_mtime_ns <= cached[1].st_mtime_ns):
+            # The store's clock has not passed the times our own changes moved to (a
+            # coarse timestamp; see _dir_changed): keep ours, or mtime would go backwards.
+            st = _with_times(st, cached[1].st_mtime_ns,
+                             max(st.st_ctime_ns, cached[1].st_ctime_ns))
+        else:
+            node.stat_derived = False
+        node.stat_cache = (time.monotonic(), st)
 
     def _parent_to_stat(self, parent: Node) -> bytes | None:
         """The backing path of a directory a change is about to touch, for the changing
@@ -214,17 +224,20 @@ class MailFS:
         getattr the kernel sends next is answered without another call. On a store whose
         calls go to the worker threads (a network store) that lstat would be one more
         round trip inside every change, so it is left out: the attributes are derived from
-        the last known ones instead (mtime and ctime now, nlink moved by `links`). They
-        expire when the ones they came from would have; the lstat after that brings the
-        store's own values back. Either value is new to Dovecot, which only compares a
-        directory's mtime with the one it saw last, so no change goes unnoticed.
+        the last known ones instead (mtime and ctime one nanosecond past them, nlink moved
+        by `links`). Not our clock: the store's own later mtime must not come out earlier
+        than what we showed. They expire when the ones they came from would have; the lstat
+        after that brings the store's own values back, unless the store's timestamp has not
+        moved past ours (`_remember_dir_stat`). Dovecot compares a directory's mtime with
+        the one it saw last, to the nanosecond, so it sees every change.
         """
         if st is not None:
             self._remember_dir_stat(node, st)
             return
         cached = node.stat_cache
         if cached is not None:
-            node.stat_cache = (cached[0], _touched(cached[1], time.time_ns(), links))
+            node.stat_cache = (cached[0], _touched(cached[1], links))
+            node.stat_derived = True
 
     def _cached_dir_entry(self, node: Node) -> pyfuse3.EntryAttributes | None:
         """A directory's attributes from our own last change to it, while still fresh.
@@ -808,9 +821,9 @@ class MailFS:
             st, parent_st = await self.backing.run(
                 _made_with_parent, maker,
                 self.backing.path(self.table.child_path(parent, name)),
-                self.backing.path(self.table.dirpath(parent)), *args)
+                self._parent_to_stat(parent), *args)
         self.listings.added(parent.inode, name)
-        self._remember_dir_stat(parent, parent_st)
+        self._dir_changed(parent, parent_st)
         node = self.table.placed(parent, name, Kind.PASSTHROUGH, backing_identity(st))
         node.lookups += 1
         return self._stat_entry(node, st)
@@ -921,9 +934,9 @@ class MailFS:
         with self._listing_change(parent):
             parent_st = await self.backing.run(
                 _rmdir_with_stale_copies, self.backing.path(relative),
-                self.backing.path(self.table.dirpath(parent)), self._hidden_name)
+                self._parent_to_stat(parent), self._hidden_name)
         self.listings.removed(parent.inode, name)
-        self._remember_dir_stat(parent, parent_st)
+        self._dir_changed(parent, parent_st, links=-1)
         self.store.remove_dir(relative)
         self.table.unplace(parent.inode, name)
 
@@ -1427,6 +1440,7 @@ class MailFS:
         for count, node in enumerate(list(self.table.nodes.values()), 1):
             if node.kind in (Kind.PASSTHROUGH, Kind.DIR) and not node.fid:
                 node.stat_cache = None
+                node.stat_derived = False
                 node.cached_version = (0, 0)  # the next open drops the kernel's pages too
                 if node.inode != ROOT:
                     invalidate.inode(node.inode)
@@ -1487,13 +1501,19 @@ def _parent_stat(parent: bytes | os.stat_result) -> tuple[os.stat_result, bool]:
     return parent, False
 
 
-def _touched(st: os.stat_result, now_ns: int, links: int) -> os.stat_result:
+def _touched(st: os.stat_result, links: int) -> os.stat_result:
     """A directory's attributes after a change in it that mailfs made (see _dir_changed)."""
+    moved = st.st_mtime_ns + 1
+    return _with_times(st, moved, max(st.st_ctime_ns + 1, moved), links)
+
+
+def _with_times(st: os.stat_result, mtime_ns: int, ctime_ns: int, links: int = 0
+                ) -> os.stat_result:
     fields = [getattr(st, name) for name in _STAT_FIELDS]
     fields[3] += links
-    fields[8] = fields[9] = now_ns // 1_000_000_000
-    fields[11] = fields[12] = now_ns / 1e9
-    fields[14] = fields[15] = now_ns
+    fields[8], fields[9] = mtime_ns // 1_000_000_000, ctime_ns // 1_000_000_000
+    fields[11], fields[12] = mtime_ns / 1e9, ctime_ns / 1e9
+    fields[14], fields[15] = mtime_ns, ctime_ns
     return os.stat_result(fields)
 
 
@@ -1564,9 +1584,10 @@ def _write_back_special(temp: bytes, content: bytes, attrs: Attrs) -> None:
     os.utime(temp, ns=(attrs.atime_ns, attrs.mtime_ns), follow_symlinks=False)
 
 
-def _made_with_parent(maker: Callable[..., os.stat_result], path: bytes, parent: bytes,
-                      *args: Any) -> tuple[os.stat_result, os.stat_result]:
-    return maker(path, *args), os.lstat(parent)
+def _made_with_parent(maker: Callable[..., os.stat_result], path: bytes,
+                      parent: bytes | None, *args: Any
+                      ) -> tuple[os.stat_result, os.stat_result | None]:
+    return maker(path, *args), None if parent is None else os.lstat(parent)
 
 
 def _symlink_owned(path: bytes, target: bytes, uid: int, gid: int) -> os.stat_result:
@@ -1613,8 +1634,8 @@ def _unlink(path: bytes, parent: bytes | None) -> os.stat_result | None:
     return None if parent is None else os.lstat(parent)
 
 
-def _rmdir_with_stale_copies(path: bytes, parent: bytes,
-                             hidden: Callable[[bytes], bool]) -> os.stat_result:
+def _rmdir_with_stale_copies(path: bytes, parent: bytes | None,
+                             hidden: Callable[[bytes], bool]) -> os.stat_result | None:
     """rmdir, after removing backing copies of index files that import left behind.
 
     The directory looks empty through the mount, and the store holds no names in it, so
@@ -1629,7 +1650,7 @@ def _rmdir_with_stale_copies(path: bytes, parent: bytes,
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(path + b"/" + name)
     os.rmdir(path)
-    return os.lstat(parent)
+    return None if parent is None else os.lstat(parent)
 
 
 def _close_opened(result: tuple[Any, ...]) -> None:

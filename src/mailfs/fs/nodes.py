@@ -64,6 +64,8 @@ class Node:
     # Directories: (monotonic time, backing stat) taken right after our own change to the
     # directory, so the getattr the kernel sends after that change needs no backing call.
     stat_cache: tuple[float, os.stat_result] | None = None
+    # Its times were moved by our own changes, not read from the store (MailFS._dir_changed).
+    stat_derived: bool = False
     # Extra names of a hard-linked passthrough file: (parent inode, name).
     aliases: list[tuple[int, bytes]] = field(default_factory=list)
     # Bumped whenever a rename, link or unlink has changed this file's names.
