@@ -109,3 +109,25 @@ async def test_the_fast_path_stands_aside_per_kind_of_call(tmp_path: Path) -> No
             ROUND_TRIP["seconds"] = 0.005
         assert backing.quick_path("round_trip_call")
         nursery.cancel_scope.cancel()
+
+
+def test_derived_directory_attributes_move_forward_and_keep_link_counts_sane() -> None:
+    """mailfs's own changes on a network store move a directory's times one nanosecond on
+    and its link count by the subdirectories made or removed; a store that does not count
+    subdirectories (sshfs and btrfs show 1) keeps its 1."""
+    from mailfs.fs.core import _touched
+
+    def directory(nlink: int) -> os.stat_result:
+        ns = 10 * 10**9
+        return os.stat_result((0o40755, 1, 1, nlink, 0, 0, 4096, 10, 10, 10, 10.0, 10.0, 10.0,
+                               ns, ns, ns, 4096, 8, 0))
+
+    counted = directory(3)
+    after = _touched(counted, -1)
+    assert after.st_nlink == 2
+    assert _touched(after, -1).st_nlink == 2  # never below a directory's own two links
+    assert after.st_mtime_ns == counted.st_mtime_ns + 1
+    assert after.st_ctime_ns > counted.st_ctime_ns
+    uncounted = directory(1)
+    assert _touched(uncounted, -1).st_nlink == 1
+    assert _touched(uncounted, 1).st_nlink == 1

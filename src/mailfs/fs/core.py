@@ -1502,8 +1502,12 @@ def _parent_stat(parent: bytes | os.stat_result) -> tuple[os.stat_result, bool]:
 
 
 def _touched(st: os.stat_result, links: int) -> os.stat_result:
-    """A directory's attributes after a change in it that mailfs made (see _dir_changed)."""
+    """A directory's attributes after a change in it that mailfs made (see _dir_changed).
+
+    Stores that do not count subdirectories in a directory's link count show 1 (sshfs,
+    btrfs): that stays as it is."""
     moved = st.st_mtime_ns + 1
+    links = max(links, 2 - st.st_nlink) if st.st_nlink >= 2 else 0
     return _with_times(st, moved, max(st.st_ctime_ns + 1, moved), links)
 
 
