@@ -130,3 +130,16 @@ def test_a_listing_never_says_missing_for_a_name_that_exists(
         for candidate in (b"a", b"b", b"c"):
             if cache.is_missing(DIR, candidate, 1.0):
                 assert candidate not in real, (steps, candidate)
+
+
+def test_idle_only_while_nothing_is_kept_or_read() -> None:
+    """Peers' changes skip the listing work while idle; a read under way is not idle (a
+    drop must still discard it)."""
+    cache = ListingCache(10.0)
+    assert cache.idle
+    token = cache.begin_read(DIR)
+    assert not cache.idle
+    cache.finish_read(DIR, token, {b"a"}, None, read_at=0.0)
+    assert not cache.idle
+    cache.drop_all()
+    assert cache.idle

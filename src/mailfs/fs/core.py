@@ -421,9 +421,13 @@ class MailFS:
     def _user_of(self, dirpath: bytes) -> bytes | None:
         return user_of(dirpath, self.store.ownership_depth)
 
-    def peer_changed(self, users: set[bytes] | None) -> None:
-        """A peer changed these users' index files (None: can't tell whose), and with them,
-        perhaps, their mail files on the shared store: their listings are stale."""
+    def peer_changed(self, record: Record) -> None:
+        """A peer changed the index files of the users `record` touches, and with them,
+        perhaps, their mail files on the shared store: their listings are stale. Called
+        for every change a peer sends, so nothing is worked out while nothing is kept."""
+        if self.listings.idle:
+            return
+        users = self.store.users_of_change(record)
         if users is None:
             self.listings.drop_all()
             return

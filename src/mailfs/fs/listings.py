@@ -62,6 +62,11 @@ class ListingCache:
     def __len__(self) -> int:
         return len(self._listings)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing kept and nothing being read: a drop would change nothing."""
+        return not self._listings and not self._reading
+
     def is_missing(self, inode: int, name: bytes, now: float) -> bool | None:
         """True if a fresh listing lacks `name`, False if it has it, None without one."""
         listing = self._listings.get(inode)

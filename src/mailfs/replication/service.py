@@ -74,8 +74,8 @@ class Replication:
 
     def _applied(self, record: Record, displaced: list[int]) -> None:
         invalidate_change(record, displaced, self.fs.table, self.fs.invalidator)
-        self.fs.peer_changed(self.fs.store.users_of_change(record))
+        self.fs.peer_changed(record)
 
     def _replaced(self, names: set[tuple[bytes, bytes]]) -> None:
         invalidate_everything(names, self.fs.table, self.fs.invalidator)
-        self.fs.peer_changed(None)
+        self.fs.listings.drop_all()
