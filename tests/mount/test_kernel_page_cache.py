@@ -42,7 +42,9 @@ def reads_after_writes(mountpoint: Path, name: str) -> int:
 @pytest.mark.parametrize("name", ["dovecot.index.log", "m.1"])
 def test_written_pages_stay_in_the_kernel(make_mount, name: str) -> None:  # type: ignore[no-untyped-def]
     mount: MailfsMount = make_mount()
-    assert status(mount.mountpoint)["fuse_session"]["auto_inval_data"] is False
+    session = status(mount.mountpoint)["fuse_session"]
+    assert session["auto_inval_data"] is False
+    assert session["writes_tagged"] is True  # test_o_append_follows_fcntl needs it
     assert reads_after_writes(mount.mountpoint, name) <= 1
 
 

@@ -73,6 +73,34 @@ def test_o_append(mount: MailfsMount, name: str) -> None:
     assert path.read_bytes() == b"head-one-two-three"
 
 
+@pytest.mark.parametrize("name", ["dovecot.index.log", "msg.file", "x.lock"])
+def test_o_append_follows_fcntl(mount: MailfsMount, name: str) -> None:
+    """Dovecot marks a transaction log corrupted by dropping O_APPEND with fcntl and
+    writing indexid=0 into the header. Had that write gone to the end instead, the header
+    would still look valid and the log would gain a zero record: Dovecot then reports the
+    log corrupted on every open, for good (seen after a full state disk in the soak run)."""
+    path = mount.mountpoint / name
+    path.write_bytes(b"HEADER--records")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        os.write(fd, b"+more")
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_APPEND)
+        assert os.pwrite(fd, b"\0\0\0\0", 2) == 4
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        os.pwrite(fd, b"+last", 0)  # O_APPEND again: Linux appends whatever the offset
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"HE\0\0\0\0--records+more+last"
+
+    plain = os.open(path, os.O_WRONLY)
+    try:
+        fcntl.fcntl(plain, fcntl.F_SETFL, fcntl.fcntl(plain, fcntl.F_GETFL) | os.O_APPEND)
+        os.pwrite(plain, b"!", 0)
+    finally:
+        os.close(plain)
+    assert path.read_bytes() == b"HE\0\0\0\0--records+more+last!"
+
 @pytest.mark.parametrize("name", ["dovecot.index", "msg.file", "dovecot-uidlist.lock"])
 def test_o_excl(mount: MailfsMount, name: str) -> None:
     path = mount.mountpoint / name

@@ -780,7 +780,7 @@ class MailFS:
         node.lookups += 1
         node.opens += 1
         node.cached_version = (st.st_mtime_ns, st.st_size)
-        handle = Handle(self._fh(), node, BackingFd(fd), bool(flags & os.O_APPEND))
+        handle = Handle(self._fh(), node, BackingFd(fd))
         self.handles[handle.fh] = handle
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._stat_entry(node, st)  # type: ignore[arg-type]
 
@@ -1195,7 +1195,7 @@ class MailFS:
     # ------------------------------------------------------------------ open / io
 
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
-        handle = Handle(self._fh(), node, None, bool(flags & os.O_APPEND))
+        handle = Handle(self._fh(), node, None)
         self.handles[handle.fh] = handle
         node.opens += 1
         if node.kind is Kind.REPLICATED:
@@ -1217,7 +1217,7 @@ class MailFS:
         version = (st.st_mtime_ns, st.st_size)
         keep = version == node.cached_version and not flags & os.O_TRUNC
         node.cached_version = version
-        handle = Handle(self._fh(), node, BackingFd(fd), bool(flags & os.O_APPEND))
+        handle = Handle(self._fh(), node, BackingFd(fd))
         self.handles[handle.fh] = handle
         node.opens += 1
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)  # type: ignore[arg-type]
@@ -1259,18 +1259,21 @@ class MailFS:
         assert handle.fd is not None
         return await self.backing.run_on(handle.fd, os.pread, size, offset)
 
-    async def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes, appending: bool = False) -> int:
+        """`appending`: the file has O_APPEND at the time of this write. The kernel chose
+        `offset` from its cached size then; the end of what this mount holds is surer
+        (a peer's change may have moved it)."""
         handle = self._handle(fh)
         node = handle.node
         if node.kind is Kind.REPLICATED:
             await self._changes_allowed()
             stored = self._stored(node)
-            self.store.write(stored, stored.size if handle.append else offset, data)
+            self.store.write(stored, stored.size if appending else offset, data)
             return len(data)
         if node.kind is Kind.VOLATILE:
             volatile = node.volatile
             assert volatile is not None
-            start = len(volatile.content) if handle.append else offset
+            start = len(volatile.content) if appending else offset
             growth = start + len(data) - len(volatile.content)
             if (growth > 0 and self.store.journal.short_of_space()
                     and not self.store.journal.spend_freed(growth)):

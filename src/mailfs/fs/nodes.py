@@ -78,7 +78,6 @@ class Handle:
     node: Node
     # Passthrough files only; index and lock files are served from RAM.
     fd: BackingFd | None = None
-    append: bool = False
 
 
 class InodeTable:

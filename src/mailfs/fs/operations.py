@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 
 import pyfuse3
 
+from mailfs.fs import session
 from mailfs.fs.core import Caller, MailFS
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
-        log.debug("write fh=%d off=%d len=%d", fh, off, len(buf))
-        return await self.fs.write(fh, off, buf)
+        appending = bool(fh & session.FH_APPENDING)
+        fh &= ~session.FH_APPENDING
+        log.debug("write fh=%d off=%d len=%d appending=%s", fh, off, len(buf), appending)
+        return await self.fs.write(fh, off, buf, appending)
 
     async def flush(self, fh: int) -> None:  # type: ignore[override]
         # Nothing happens at close() that release() does not do, and ENOSYS here makes

@@ -17,12 +17,16 @@ from typing import Any
 
 # From libfuse's fuse_common.h: the kernel drops a file's pages whenever its mtime changes.
 AUTO_INVAL_DATA = 1 << 12
+# Set by the C part in the handle number of a write whose file has O_APPEND at that
+# moment; never set when the library is not loaded, and then the kernel's offset stands.
+FH_APPENDING = 1 << 62
 LIBRARY_STEM = "_fuse_caps"
 
 
 class _Caps(ctypes.Structure):
     _fields_ = [("interposed", ctypes.c_int), ("init_seen", ctypes.c_int),
-                ("capable", ctypes.c_uint), ("want", ctypes.c_uint)]
+                ("capable", ctypes.c_uint), ("want", ctypes.c_uint),
+                ("writes_tagged", ctypes.c_int)]
 
 
 _library: ctypes.CDLL | None = None
@@ -56,6 +60,10 @@ def load() -> None:
         return
     library.mailfs_fuse_caps_status.restype = ctypes.POINTER(_Caps)
     library.mailfs_fuse_caps_clear.argtypes = [ctypes.c_uint]
+    library.mailfs_fh_appending.restype = ctypes.c_uint64
+    if library.mailfs_fh_appending() != FH_APPENDING:
+        _problem = f"{path.name} is from another version of mailfs (reinstall it)"
+        return
     _library = library
 
 
@@ -76,6 +84,6 @@ def status() -> dict[str, Any]:
         return {"wrapped": False, "problem": "pyfuse3 did not call our fuse_session_new"}
     if not caps.init_seen:
         return {"wrapped": True, "init_seen": False}
-    return {"wrapped": True, "init_seen": True,
+    return {"wrapped": True, "init_seen": True, "writes_tagged": bool(caps.writes_tagged),
             "auto_inval_data": bool(caps.want & AUTO_INVAL_DATA),
             "kernel_offers_auto_inval_data": bool(caps.capable & AUTO_INVAL_DATA)}
