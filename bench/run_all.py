@@ -55,6 +55,7 @@ MAX_LOG_LINES = 8  # Dovecot/mailfs problem lines quoted per round
 MAILFS_COUNTERS = (
     "backing_calls", "backing_errors", "backing_timeouts", "ram_hits", "ram_misses", "commits",
     "commit_errors", "evictions", "requests_total", "listing_missing_answered", "listings_read",
+    "opens_remembered", "opens_completed",
 )
 # FUSE requests per IMAP operation, by kind (from status "requests").
 REQUEST_KINDS = ("getattr", "read", "write", "lookup", "open", "release")

@@ -34,6 +34,7 @@ from mailfs.cachemgr.metastore import MetaStore, StoredFile
 from mailfs.cachemgr.ownership import user_of
 from mailfs.cachemgr.records import Attrs, Op, Record, key_problem, path_problem
 from mailfs.fs.classifier import Classifier, FileClass
+from mailfs.fs.freshness import Freshness
 from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.listings import ListingCache
 from mailfs.fs.nodes import (
@@ -129,6 +130,10 @@ class MailFS:
         self.listings = ListingCache(timeouts.passthrough)
         self._listings_wanted: OrderedDict[int, None] = OrderedDict()
         self._listings_wake = trio.Event()
+        # What the store said about passthrough files, for opens that need not ask again.
+        self.freshness = Freshness(timeouts.passthrough)
+        self.opens_remembered = 0  # read-only opens answered without the store
+        self.opens_completed = 0  # of those, opened on the store after all, for a read
         # Sync replication: what fsync of an index file waits for after the local commit.
         self.wait_replicated: Callable[[int], Awaitable[None]] | None = None
         store.in_use = self.table.fid_inode.__contains__
@@ -357,6 +362,7 @@ class MailFS:
         if self._listed_missing(parent, name):
             self._remember_missing(parent.inode, name)
             return self._negative(self.timeouts.passthrough)
+        asked_at = time.monotonic()
         try:
             st = await self._backing_stat(self.table.child_path(parent, name))
         except FileNotFoundError:
@@ -365,6 +371,7 @@ class MailFS:
         kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
         node = self.table.placed(parent, name, kind, backing_identity(st))
         self._remember_dir_stat(node, st)
+        self._verified(node, st, asked_at)
         node.lookups += 1
         return self._stat_entry(node, st)
 
@@ -423,16 +430,25 @@ class MailFS:
 
     def peer_changed(self, record: Record) -> None:
         """A peer changed the index files of the users `record` touches, and with them,
-        perhaps, their mail files on the shared store: their listings are stale. Called
-        for every change a peer sends, so nothing is worked out while nothing is kept."""
-        if self.listings.idle:
+        perhaps, their mail files on the shared store: their listings, and what the store
+        said about their files, are stale. Called for every change a peer sends, so
+        nothing is worked out while nothing is kept."""
+        if self.listings.idle and not self.remembers_opens:
             return
         users = self.store.users_of_change(record)
+        now = time.monotonic()
         if users is None:
             self.listings.drop_all()
+            self.freshness.drop_all(now)
             return
         for user in users:
             self.listings.drop_user(user)
+            self.freshness.drop_user(user, now)
+
+    def store_replaced(self) -> None:
+        """A peer's snapshot replaced the meta store: every user's index files changed."""
+        self.listings.drop_all()
+        self.freshness.drop_all(time.monotonic())
 
     @contextlib.contextmanager
     def _listing_change(self, *dirs: Node) -> Iterator[None]:
@@ -456,7 +472,10 @@ class MailFS:
                 self._remember_dir_stat(node, st)
                 entry = self._stat_entry(node, st)
         elif entry is None:
-            entry = self._stat_entry(node, await self._passthrough_stat(node))
+            asked_at = time.monotonic()
+            st = await self._passthrough_stat(node)
+            self._verified(node, st, asked_at)
+            entry = self._stat_entry(node, st)
         if count_lookup:
             node.lookups += 1
         return entry
@@ -1156,6 +1175,7 @@ class MailFS:
             relative = self.table.child_path(self.table.nodes[node.parent], node.name)
         handle = self.handles.get(fh) if fh is not None else None
         fd = handle.fd if handle is not None else None
+        node.verified = None
         if fd is None and node.kind is Kind.PASSTHROUGH and node.detached:
             # Its name is another file's now; only an open handle still reaches it (a
             # read-only one cannot truncate: EINVAL, as for ftruncate on such an fd).
@@ -1213,14 +1233,67 @@ class MailFS:
             return self._open_node(node, flags)
         if node.kind is Kind.DIR:
             raise oserror(errno.EISDIR)
-        fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
-        version = (st.st_mtime_ns, st.st_size)
+        remembered = self._remembered_version(node, flags)
+        if remembered is not None:
+            # Opened on the store at the first read that reaches us, if one ever does.
+            version, backing_fd = remembered, None
+            self.opens_remembered += 1
+        else:
+            asked_at = time.monotonic()
+            fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
+            version, backing_fd = (st.st_mtime_ns, st.st_size), BackingFd(fd)
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                self._verified(node, st, asked_at)
         keep = version == node.cached_version and not flags & os.O_TRUNC
         node.cached_version = version
-        handle = Handle(self._fh(), node, BackingFd(fd))
+        handle = Handle(self._fh(), node, backing_fd)
         self.handles[handle.fh] = handle
         node.opens += 1
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)  # type: ignore[arg-type]
+
+    @property
+    def remembers_opens(self) -> bool:
+        """Only where an open costs a round trip, as with listings: on a local disk the
+        open is cheaper than the risk of answering for a file that has just gone."""
+        return not self.backing.inline
+
+    def _verified(self, node: Node, st: os.stat_result, asked_at: float) -> None:
+        if node.kind is Kind.PASSTHROUGH and stat.S_ISREG(st.st_mode):
+            node.verified = (asked_at, st.st_mtime_ns, st.st_size)
+
+    def _remembered_version(self, node: Node, flags: int) -> tuple[int, int] | None:
+        """(mtime_ns, size) of a passthrough file that a read-only open may take from
+        what the store said a moment ago instead of asking it again (fs/freshness.py)."""
+        verified = node.verified
+        if (verified is None or not self.remembers_opens or node.detached
+                or flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY):
+            return None
+        parent = self.table.nodes.get(node.parent)
+        if parent is None:
+            return None
+        user = self._user_of(self.table.dirpath(parent))
+        if not self.freshness.fresh(verified[0], user, time.monotonic()):
+            return None
+        return verified[1], verified[2]
+
+    async def _open_remembered(self, handle: Handle) -> BackingFd:
+        """The store's file behind a handle that open() answered from memory."""
+        asked_at = time.monotonic()
+        try:
+            fd, st = await self._open_by_name(handle.node, os.O_RDONLY)
+        except FileNotFoundError:
+            # Gone since the store last said it was there: NFS's word for it.
+            raise oserror(errno.ESTALE) from None
+        if handle.fd is not None or self.handles.get(handle.fh) is not handle:
+            # Another read opened it meanwhile, or the handle was released.
+            await self.backing.run(os.close, fd)
+            if handle.fd is None:
+                raise oserror(errno.EBADF)
+            return handle.fd
+        handle.fd = BackingFd(fd)
+        self.opens_completed += 1
+        self._verified(handle.node, st, asked_at)
+        return handle.fd
 
     def _truncate_on_open(self, node: Node) -> None:
         """open(O_TRUNC) of an index or lock file (the kernel already dropped its pages).
@@ -1256,8 +1329,8 @@ class MailFS:
         if node.kind is Kind.VOLATILE:
             assert node.volatile is not None
             return bytes(memoryview(node.volatile.content)[offset:offset + size])
-        assert handle.fd is not None
-        return await self.backing.run_on(handle.fd, os.pread, size, offset)
+        fd = handle.fd if handle.fd is not None else await self._open_remembered(handle)
+        return await self.backing.run_on(fd, os.pread, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes, appending: bool = False) -> int:
         """`appending`: the file has O_APPEND at the time of this write. The kernel chose
@@ -1288,6 +1361,7 @@ class MailFS:
             volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
             return len(data)
         assert handle.fd is not None
+        node.verified = None
         return await self.backing.run_on(handle.fd, os.pwrite, data, offset)
 
     async def _sync_replicated(self) -> None:
@@ -1465,6 +1539,7 @@ class MailFS:
             invalidate.entry(parent, name)
         missing, self.missing = len(self.missing), OrderedDict()
         self.listings.drop_all()
+        self.freshness.drop_all(time.monotonic())
         self.caches_dropped += 1
         return {"inodes": inodes, "entries": entries, "missing_names": missing}
 
@@ -1483,6 +1558,8 @@ class MailFS:
             "listings_read": self.listings.stats.listings_read,
             "listings_discarded": self.listings.stats.listings_discarded,
             "listings_dropped": self.listings.stats.listings_dropped,
+            "opens_remembered": self.opens_remembered,
+            "opens_completed": self.opens_completed,
         }
 
 

@@ -59,6 +59,10 @@ class IndexOnlyFS(MailFS):
     def listings_enabled(self) -> bool:
         return False  # no backing store: every name is in the meta store already
 
+    @property
+    def remembers_opens(self) -> bool:
+        return False  # no passthrough files
+
     def _stored_dir(self, dirpath: bytes, name: bytes) -> int | None:
         fid = self.store.lookup(dirpath, name)
         if fid is not None and stat.S_ISDIR(self.store.get(fid).attrs.mode):

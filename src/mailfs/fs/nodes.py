@@ -61,6 +61,9 @@ class Node:
     detached: bool = False
     # (mtime_ns, size) of the backing file when the kernel last cached its pages.
     cached_version: tuple[int, int] = (0, 0)
+    # Passthrough files: (monotonic time it was asked for, mtime_ns, size) of the last
+    # stat of the backing file, while nothing this mount did has changed it since.
+    verified: tuple[float, int, int] | None = None
     # Directories: (monotonic time, backing stat) taken right after our own change to the
     # directory, so the getattr the kernel sends after that change needs no backing call.
     stat_cache: tuple[float, os.stat_result] | None = None

@@ -78,4 +78,4 @@ class Replication:
 
     def _replaced(self, names: set[tuple[bytes, bytes]]) -> None:
         invalidate_everything(names, self.fs.table, self.fs.invalidator)
-        self.fs.listings.drop_all()
+        self.fs.store_replaced()

@@ -1,0 +1,122 @@
+"""Read-only opens of mail files answered from what the store said a moment ago.
+
+On a network store, mailfs opens a passthrough file on the store only when a read reaches
+it, as long as the file's attributes were read from the store less than
+`passthrough_timeout` ago and nothing this mount did has changed it since
+(`mailfs/fs/freshness.py`, `MailFS._remembered_version`). The threads call path (what a
+network store gets) is forced over a local directory, so the store can be changed behind
+mailfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.mount.conftest import Dirs
+from tests.rigs.mount import MailfsMount, run_cli
+
+TTL = 30.0
+
+
+def counters(mount: MailfsMount) -> dict[str, int]:
+    status = json.loads(run_cli("status", str(mount.mountpoint), "--json", check=True).stdout)
+    return {key: status[key] for key in ("opens_remembered", "opens_completed")}
+
+
+def read_through_open(path: os.PathLike[str] | str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def mount(make_mount) -> Iterator[MailfsMount]:  # type: ignore[no-untyped-def]
+    yield make_mount(("-o", "backing_calls=threads", "-o", f"passthrough_timeout={TTL}"))
+
+
+def test_an_open_after_a_lookup_needs_the_store_only_for_the_read(
+        mount: MailfsMount, dirs: Dirs) -> None:
+    (dirs.backing / "cur").mkdir()
+    (dirs.backing / "cur" / "1.M1:2,").write_bytes(b"message one")
+    message = mount.mountpoint / "cur" / "1.M1:2,"
+    assert message.stat().st_size == len(b"message one")  # the lookup reads the store
+    before = counters(mount)
+    # Nothing in the kernel's page cache yet: the read reaches mailfs, which opens now.
+    assert read_through_open(message) == b"message one"
+    after = counters(mount)
+    assert after["opens_remembered"] == before["opens_remembered"] + 1
+    assert after["opens_completed"] == before["opens_completed"] + 1
+    # The pages are the kernel's now (keep_cache): no read, no store at all.
+    assert read_through_open(message) == b"message one"
+    again = counters(mount)
+    assert again["opens_remembered"] == after["opens_remembered"] + 1
+    assert again["opens_completed"] == after["opens_completed"]
+
+
+def test_writes_through_the_mount_make_the_next_open_ask_the_store(
+        mount: MailfsMount, dirs: Dirs) -> None:
+    message = mount.mountpoint / "draft"
+    message.write_bytes(b"first")
+    assert read_through_open(message) == b"first"
+    fd = os.open(message, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"second, longer", 0)
+    finally:
+        os.close(fd)
+    before = counters(mount)
+    assert read_through_open(message) == b"second, longer"
+    assert counters(mount)["opens_remembered"] == before["opens_remembered"]
+    os.truncate(message, 3)
+    assert read_through_open(message) == b"sec"
+    assert counters(mount)["opens_remembered"] == before["opens_remembered"]
+
+
+def test_writers_and_read_write_opens_always_go_to_the_store(mount: MailfsMount) -> None:
+    message = mount.mountpoint / "m"
+    message.write_bytes(b"body")
+    assert message.stat().st_size == 4
+    before = counters(mount)
+    fd = os.open(message, os.O_RDWR)
+    os.close(fd)
+    assert counters(mount)["opens_remembered"] == before["opens_remembered"]
+
+
+def test_a_file_gone_from_the_store_fails_the_read_with_estale_and_a_flush_forgets_it(
+        mount: MailfsMount, dirs: Dirs) -> None:
+    """Something outside mailfs and its peers deleted the file within the ttl: the open
+    still succeeds (as the kernel's cached entry would let it anyway), and a read that
+    needs the store gets ESTALE, as on NFS. After `mailfs flush --caches`, the kernel
+    looks the name up again and the open fails."""
+    (dirs.backing / "gone").write_bytes(b"soon deleted")
+    (dirs.backing / "kept").write_bytes(b"stays")
+    gone, kept = mount.mountpoint / "gone", mount.mountpoint / "kept"
+    assert gone.stat().st_size and kept.stat().st_size
+    (dirs.backing / "gone").unlink()
+    fd = os.open(gone, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as failed:
+            os.pread(fd, 100, 0)
+        assert failed.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+
+    run_cli("flush", str(mount.mountpoint), "--caches", check=True)
+    with pytest.raises(FileNotFoundError):
+        read_through_open(gone)
+    assert read_through_open(kept) == b"stays"
+
+
+def test_local_stores_always_open_on_the_store(make_mount, dirs: Dirs) -> None:  # type: ignore[no-untyped-def]
+    mount: MailfsMount = make_mount(("-o", "backing_calls=inline"))
+    (dirs.backing / "m").write_bytes(b"body")
+    assert (mount.mountpoint / "m").stat().st_size == 4
+    assert read_through_open(mount.mountpoint / "m") == b"body"
+    assert read_through_open(mount.mountpoint / "m") == b"body"
+    assert counters(mount)["opens_remembered"] == 0
