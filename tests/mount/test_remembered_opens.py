@@ -120,3 +120,26 @@ def test_local_stores_always_open_on_the_store(make_mount, dirs: Dirs) -> None: 
     assert read_through_open(mount.mountpoint / "m") == b"body"
     assert read_through_open(mount.mountpoint / "m") == b"body"
     assert counters(mount)["opens_remembered"] == 0
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename over"])
+def test_a_remembered_open_stays_readable_after_its_name_goes_through_the_mount(
+        mount: MailfsMount, dirs: Dirs, how: str) -> None:
+    """POSIX: an open file outlives its last name. A maildir expunge or an sdbox move by
+    one Dovecot process while another reads the message."""
+    (dirs.backing / "u.1").write_bytes(b"the message")
+    (dirs.backing / "u.2").write_bytes(b"another one")
+    message = mount.mountpoint / "u.1"
+    assert message.stat().st_size == len(b"the message")
+    before = counters(mount)
+    fd = os.open(message, os.O_RDONLY)
+    try:
+        assert counters(mount)["opens_remembered"] == before["opens_remembered"] + 1
+        if how == "unlink":
+            message.unlink()
+        else:
+            os.rename(mount.mountpoint / "u.2", message)
+        assert not (dirs.backing / "u.1").exists() or how != "unlink"
+        assert os.pread(fd, 100, 0) == b"the message"
+    finally:
+        os.close(fd)

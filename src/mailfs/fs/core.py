@@ -917,7 +917,9 @@ class MailFS:
             self._volatile_lost_link(volatile)
         else:
             known = self.table.entries.get((parent.inode, name))
-            with self._changing_names(self.table.nodes.get(known) if known else None):
+            unlinked = self.table.nodes.get(known) if known else None
+            with self._changing_names(unlinked):
+                await self._pin_remembered_opens(unlinked)
                 with self._listing_change(parent):
                     parent_st = await self.backing.run(
                         _unlink, self.backing.path(self.table.child_path(parent, name)),
@@ -1065,6 +1067,7 @@ class MailFS:
         replaced = self.table.nodes.get(replaced_inode) if replaced_inode else None
         renaming = self._renaming_directory() if is_dir else self._changing_names(moving)
         with renaming, self._changing_names(replaced):
+            await self._pin_remembered_opens(replaced)
             with self._listing_change(src_dir, dst_dir):
                 src_st, dst_st = await self.backing.run(
                     _rename, self.backing.path(old_rel), self.backing.path(new_rel),
@@ -1266,6 +1269,7 @@ class MailFS:
         what the store said a moment ago instead of asking it again (fs/freshness.py)."""
         verified = node.verified
         if (verified is None or not self.remembers_opens or node.detached
+                or node.inode in self.name_changes  # an unlink may be under way
                 or flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY):
             return None
         parent = self.table.nodes.get(node.parent)
@@ -1275,6 +1279,16 @@ class MailFS:
         if not self.freshness.fresh(verified[0], user, time.monotonic()):
             return None
         return verified[1], verified[2]
+
+    async def _pin_remembered_opens(self, node: Node | None) -> None:
+        """Before a name of `node` goes away through this mount: the handles that open()
+        answered from memory get the store's file now, as an open file stays readable
+        after its unlink (and the name may have been its only one)."""
+        if node is None or node.kind is not Kind.PASSTHROUGH or not node.opens:
+            return
+        for handle in [h for h in self.handles.values() if h.node is node and h.fd is None]:
+            with contextlib.suppress(OSError):  # gone already: its reads get ESTALE
+                await self._open_remembered(handle)
 
     async def _open_remembered(self, handle: Handle) -> BackingFd:
         """The store's file behind a handle that open() answered from memory."""
