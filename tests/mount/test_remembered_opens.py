@@ -1,7 +1,7 @@
-"""Read-only opens of mail files answered from what the store said a moment ago.
+"""Opens of mail files answered from what the store said a moment ago.
 
-On a network store, mailfs opens a passthrough file on the store only when a read reaches
-it, as long as the file's attributes were read from the store less than
+On a network store, mailfs opens a passthrough file on the store only when a read, write
+or fsync reaches it, as long as the file's attributes were read from the store less than
 `passthrough_timeout` ago and nothing this mount did has changed it since
 (`mailfs/fs/freshness.py`, `MailFS._remembered_version`). The threads call path (what a
 network store gets) is forced over a local directory, so the store can be changed behind
@@ -78,14 +78,51 @@ def test_writes_through_the_mount_make_the_next_open_ask_the_store(
     assert counters(mount)["opens_remembered"] == before["opens_remembered"]
 
 
-def test_writers_and_read_write_opens_always_go_to_the_store(mount: MailfsMount) -> None:
-    message = mount.mountpoint / "m"
-    message.write_bytes(b"body")
+def test_a_read_write_open_opens_the_store_at_its_first_write(
+        mount: MailfsMount, dirs: Dirs) -> None:
+    """sdbox opens its mail files O_RDWR, also just to read them."""
+    (dirs.backing / "u.1").write_bytes(b"body")
+    message = mount.mountpoint / "u.1"
     assert message.stat().st_size == 4
     before = counters(mount)
     fd = os.open(message, os.O_RDWR)
-    os.close(fd)
+    try:
+        assert counters(mount)["opens_remembered"] == before["opens_remembered"] + 1
+        assert os.pwrite(fd, b"BO", 0) == 2
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert (dirs.backing / "u.1").read_bytes() == b"BOdy"
+    assert counters(mount)["opens_completed"] == before["opens_completed"] + 1
+    # Written through the mount: the next open asks the store, whatever the mode.
+    assert read_through_open(message) == b"BOdy"
+    assert counters(mount)["opens_remembered"] == before["opens_remembered"] + 1
+
+
+def test_fsync_of_a_remembered_open_reaches_the_store(mount: MailfsMount, dirs: Dirs) -> None:
+    """fsync covers what other handles wrote, so it is never skipped."""
+    (dirs.backing / "m").write_bytes(b"body")
+    message = mount.mountpoint / "m"
+    assert message.stat().st_size == 4
+    before = counters(mount)
+    fd = os.open(message, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    after = counters(mount)
+    assert after["opens_remembered"] == before["opens_remembered"] + 1
+    assert after["opens_completed"] == before["opens_completed"] + 1
+
+
+def test_o_trunc_always_goes_to_the_store(mount: MailfsMount, dirs: Dirs) -> None:
+    (dirs.backing / "m").write_bytes(b"body")
+    message = mount.mountpoint / "m"
+    assert message.stat().st_size == 4
+    before = counters(mount)
+    os.close(os.open(message, os.O_WRONLY | os.O_TRUNC))
     assert counters(mount)["opens_remembered"] == before["opens_remembered"]
+    assert (dirs.backing / "m").read_bytes() == b""
 
 
 def test_a_file_gone_from_the_store_fails_the_read_with_estale_and_a_flush_forgets_it(

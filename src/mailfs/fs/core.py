@@ -1245,11 +1245,11 @@ class MailFS:
             asked_at = time.monotonic()
             fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
             version, backing_fd = (st.st_mtime_ns, st.st_size), BackingFd(fd)
-            if flags & os.O_ACCMODE == os.O_RDONLY:
+            if not flags & os.O_TRUNC:
                 self._verified(node, st, asked_at)
         keep = version == node.cached_version and not flags & os.O_TRUNC
         node.cached_version = version
-        handle = Handle(self._fh(), node, backing_fd)
+        handle = Handle(self._fh(), node, backing_fd, flags & ~OPEN_STRIP)
         self.handles[handle.fh] = handle
         node.opens += 1
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)  # type: ignore[arg-type]
@@ -1265,12 +1265,14 @@ class MailFS:
             node.verified = (asked_at, st.st_mtime_ns, st.st_size)
 
     def _remembered_version(self, node: Node, flags: int) -> tuple[int, int] | None:
-        """(mtime_ns, size) of a passthrough file that a read-only open may take from
-        what the store said a moment ago instead of asking it again (fs/freshness.py)."""
+        """(mtime_ns, size) of a passthrough file that an open may take from what the
+        store said a moment ago instead of asking it again (fs/freshness.py). Any access
+        mode: the kernel has checked permissions (default_permissions), and sdbox opens
+        its mail files O_RDWR to read them. Not O_TRUNC, which changes the file."""
         verified = node.verified
         if (verified is None or not self.remembers_opens or node.detached
                 or node.inode in self.name_changes  # an unlink may be under way
-                or flags & (os.O_ACCMODE | os.O_TRUNC) != os.O_RDONLY):
+                or flags & os.O_TRUNC):
             return None
         parent = self.table.nodes.get(node.parent)
         if parent is None:
@@ -1294,7 +1296,7 @@ class MailFS:
         """The store's file behind a handle that open() answered from memory."""
         asked_at = time.monotonic()
         try:
-            fd, st = await self._open_by_name(handle.node, os.O_RDONLY)
+            fd, st = await self._open_by_name(handle.node, handle.open_flags)
         except FileNotFoundError:
             # Gone since the store last said it was there: NFS's word for it.
             raise oserror(errno.ESTALE) from None
@@ -1374,9 +1376,9 @@ class MailFS:
             volatile.attrs.size = len(volatile.content)
             volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
             return len(data)
-        assert handle.fd is not None
+        fd = handle.fd if handle.fd is not None else await self._open_remembered(handle)
         node.verified = None
-        return await self.backing.run_on(handle.fd, os.pwrite, data, offset)
+        return await self.backing.run_on(fd, os.pwrite, data, offset)
 
     async def _sync_replicated(self) -> None:
         target = self.store.journal.seq
@@ -1388,8 +1390,10 @@ class MailFS:
         handle = self._handle(fh)
         if handle.node.kind is Kind.REPLICATED:
             await self._sync_replicated()
-        elif handle.fd is not None:
-            await self.backing.run_on(handle.fd, os.fdatasync if datasync else os.fsync,
+        elif handle.node.kind is Kind.PASSTHROUGH:
+            # Even with no write of its own, fsync covers what other handles wrote.
+            fd = handle.fd if handle.fd is not None else await self._open_remembered(handle)
+            await self.backing.run_on(fd, os.fdatasync if datasync else os.fsync,
                                       waiting=True)
 
     async def release(self, fh: int) -> None:

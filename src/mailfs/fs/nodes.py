@@ -79,8 +79,11 @@ class Node:
 class Handle:
     fh: int
     node: Node
-    # Passthrough files only; index and lock files are served from RAM.
+    # Passthrough files only; index and lock files are served from RAM. None on a
+    # passthrough file: open() was answered from memory (MailFS._remembered_version).
     fd: BackingFd | None = None
+    # What the store's file is opened with when it is needed (passthrough files).
+    open_flags: int = os.O_RDONLY
 
 
 class InodeTable:
