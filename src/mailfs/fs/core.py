@@ -918,8 +918,8 @@ class MailFS:
         else:
             known = self.table.entries.get((parent.inode, name))
             unlinked = self.table.nodes.get(known) if known else None
+            await self._pin_remembered_opens(unlinked)
             with self._changing_names(unlinked):
-                await self._pin_remembered_opens(unlinked)
                 with self._listing_change(parent):
                     parent_st = await self.backing.run(
                         _unlink, self.backing.path(self.table.child_path(parent, name)),
@@ -1065,9 +1065,9 @@ class MailFS:
             self.store.check_rename_dir(old_rel, new_rel)
         replaced_inode = self.table.entries.get((dst_dir.inode, new_name))
         replaced = self.table.nodes.get(replaced_inode) if replaced_inode else None
+        await self._pin_remembered_opens(replaced)
         renaming = self._renaming_directory() if is_dir else self._changing_names(moving)
         with renaming, self._changing_names(replaced):
-            await self._pin_remembered_opens(replaced)
             with self._listing_change(src_dir, dst_dir):
                 src_st, dst_st = await self.backing.run(
                     _rename, self.backing.path(old_rel), self.backing.path(new_rel),
@@ -1285,12 +1285,25 @@ class MailFS:
     async def _pin_remembered_opens(self, node: Node | None) -> None:
         """Before a name of `node` goes away through this mount: the handles that open()
         answered from memory get the store's file now, as an open file stays readable
-        after its unlink (and the name may have been its only one)."""
-        if node is None or node.kind is not Kind.PASSTHROUGH or not node.opens:
+        after its unlink (and the name may have been its only one).
+
+        Called before the caller registers its name change, with nothing awaited between
+        the last check here and that registration: opening by name waits for a name
+        change of the file in flight (on stores without stable inode numbers), which
+        would be the caller's own, and from the registration on, no open of the file is
+        answered from memory."""
+        if node is None or node.kind is not Kind.PASSTHROUGH:
             return
-        for handle in [h for h in self.handles.values() if h.node is node and h.fd is None]:
-            with contextlib.suppress(OSError):  # gone already: its reads get ESTALE
-                await self._open_remembered(handle)
+        tried: set[int] = set()
+        while node.opens:
+            waiting = [h for h in self.handles.values()
+                       if h.node is node and h.fd is None and h.fh not in tried]
+            if not waiting:
+                return
+            for handle in waiting:
+                tried.add(handle.fh)
+                with contextlib.suppress(OSError):  # gone already: its reads get ESTALE
+                    await self._open_remembered(handle)
 
     async def _open_remembered(self, handle: Handle) -> BackingFd:
         """The store's file behind a handle that open() answered from memory."""
