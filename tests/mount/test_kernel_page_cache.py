@@ -44,7 +44,8 @@ def test_written_pages_stay_in_the_kernel(make_mount, name: str) -> None:  # typ
     mount: MailfsMount = make_mount()
     session = status(mount.mountpoint)["fuse_session"]
     assert session["auto_inval_data"] is False
-    assert session["writes_tagged"] is True  # test_o_append_follows_fcntl needs it
+    # Appends then follow fcntl(F_SETFL) on index files whose size a peer moved.
+    assert session["writes_tagged"] is True
     assert reads_after_writes(mount.mountpoint, name) <= 1
 
 

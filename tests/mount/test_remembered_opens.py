@@ -94,9 +94,22 @@ def test_a_read_write_open_opens_the_store_at_its_first_write(
         os.close(fd)
     assert (dirs.backing / "u.1").read_bytes() == b"BOdy"
     assert counters(mount)["opens_completed"] == before["opens_completed"] + 1
-    # Written through the mount: the next open asks the store, whatever the mode.
     assert read_through_open(message) == b"BOdy"
-    assert counters(mount)["opens_remembered"] == before["opens_remembered"] + 1
+
+
+def test_ftruncate_through_a_remembered_open_acts_on_its_file(
+        mount: MailfsMount, dirs: Dirs) -> None:
+    """Not on whatever holds the name by then: the file is opened for it first."""
+    (dirs.backing / "u.1").write_bytes(b"the message")
+    message = mount.mountpoint / "u.1"
+    assert message.stat().st_size == len(b"the message")
+    fd = os.open(message, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 3)
+        assert os.fstat(fd).st_size == 3
+    finally:
+        os.close(fd)
+    assert (dirs.backing / "u.1").read_bytes() == b"the"
 
 
 def test_fsync_of_a_remembered_open_reaches_the_store(mount: MailfsMount, dirs: Dirs) -> None:

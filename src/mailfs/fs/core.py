@@ -132,8 +132,8 @@ class MailFS:
         self._listings_wake = trio.Event()
         # What the store said about passthrough files, for opens that need not ask again.
         self.freshness = Freshness(timeouts.passthrough)
-        self.opens_remembered = 0  # read-only opens answered without the store
-        self.opens_completed = 0  # of those, opened on the store after all, for a read
+        self.opens_remembered = 0  # opens answered without the store
+        self.opens_completed = 0  # of those, opened on the store after all (read, write...)
         # Sync replication: what fsync of an index file waits for after the local commit.
         self.wait_replicated: Callable[[int], Awaitable[None]] | None = None
         store.in_use = self.table.fid_inode.__contains__
@@ -1172,28 +1172,30 @@ class MailFS:
                 volatile.attrs.mtime_ns = time.time_ns()
             volatile.attrs = self._updated_attrs(volatile.attrs, attr, fields)
             return self._attrs_entry(node, volatile.attrs)
+        handle = self.handles.get(fh) if fh is not None else None
+        if handle is not None and handle.fd is None and node.kind is Kind.PASSTHROUGH:
+            await self._open_remembered(handle)  # ftruncate and futimens act on its file
         if node.kind is Kind.DIR:
             relative = self.table.dirpath(node)
         else:
             relative = self.table.child_path(self.table.nodes[node.parent], node.name)
-        handle = self.handles.get(fh) if fh is not None else None
         fd = handle.fd if handle is not None else None
-        node.verified = None
         if fd is None and node.kind is Kind.PASSTHROUGH and node.detached:
             # Its name is another file's now; only an open handle still reaches it (a
             # read-only one cannot truncate: EINVAL, as for ftruncate on such an fd).
             fd = self._open_fd(node)
             if fd is None:
                 raise oserror(errno.ESTALE)
-        st = await self.backing.run(
-            _apply_setattr, self.backing.path(relative), fd,
-            attr.st_size if fields.update_size else None,
-            attr.st_mode & 0o7777 if fields.update_mode else None,
-            attr.st_uid if fields.update_uid else -1,
-            attr.st_gid if fields.update_gid else -1,
-            attr.st_atime_ns if fields.update_atime else None,
-            attr.st_mtime_ns if fields.update_mtime else None,
-        )
+        with self._changing_content(node):
+            st = await self.backing.run(
+                _apply_setattr, self.backing.path(relative), fd,
+                attr.st_size if fields.update_size else None,
+                attr.st_mode & 0o7777 if fields.update_mode else None,
+                attr.st_uid if fields.update_uid else -1,
+                attr.st_gid if fields.update_gid else -1,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+            )
         self._remember_dir_stat(node, st)
         return self._stat_entry(node, st)
 
@@ -1243,7 +1245,10 @@ class MailFS:
             self.opens_remembered += 1
         else:
             asked_at = time.monotonic()
-            fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
+            truncating = (self._changing_content(node) if flags & os.O_TRUNC
+                          else contextlib.nullcontext())
+            with truncating:
+                fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
             version, backing_fd = (st.st_mtime_ns, st.st_size), BackingFd(fd)
             if not flags & os.O_TRUNC:
                 self._verified(node, st, asked_at)
@@ -1261,8 +1266,20 @@ class MailFS:
         return not self.backing.inline
 
     def _verified(self, node: Node, st: os.stat_result, asked_at: float) -> None:
-        if node.kind is Kind.PASSTHROUGH and stat.S_ISREG(st.st_mode):
+        if (node.kind is Kind.PASSTHROUGH and stat.S_ISREG(st.st_mode)
+                and asked_at > node.changed_at):
             node.verified = (asked_at, st.st_mtime_ns, st.st_size)
+
+    @contextlib.contextmanager
+    def _changing_content(self, node: Node) -> Iterator[None]:
+        """Around a write, truncate or attribute change of a passthrough file: what the
+        store said about it before, or while the change was under way, is stale."""
+        node.verified = None
+        try:
+            yield
+        finally:
+            node.changed_at = time.monotonic()
+            node.verified = None
 
     def _remembered_version(self, node: Node, flags: int) -> tuple[int, int] | None:
         """(mtime_ns, size) of a passthrough file that an open may take from what the
@@ -1390,8 +1407,8 @@ class MailFS:
             volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
             return len(data)
         fd = handle.fd if handle.fd is not None else await self._open_remembered(handle)
-        node.verified = None
-        return await self.backing.run_on(fd, os.pwrite, data, offset)
+        with self._changing_content(node):
+            return await self.backing.run_on(fd, os.pwrite, data, offset)
 
     async def _sync_replicated(self) -> None:
         target = self.store.journal.seq

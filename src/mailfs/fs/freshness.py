@@ -36,6 +36,8 @@ class Freshness:
         if len(self._user_before) > MAX_USERS:
             self._user_before = {name: at for name, at in self._user_before.items()
                                  if now - at < self.ttl}
+            if len(self._user_before) > MAX_USERS:
+                self.drop_all(now)  # staler than needed, never fresher, and bounded
 
     def drop_all(self, now: float) -> None:
         self._all_before = now

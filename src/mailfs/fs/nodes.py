@@ -64,6 +64,9 @@ class Node:
     # Passthrough files: (monotonic time it was asked for, mtime_ns, size) of the last
     # stat of the backing file, while nothing this mount did has changed it since.
     verified: tuple[float, int, int] | None = None
+    # When a change of this mount's to the file last ended (monotonic): a stat asked for
+    # before then may have been answered before the change.
+    changed_at: float = 0.0
     # Directories: (monotonic time, backing stat) taken right after our own change to the
     # directory, so the getattr the kernel sends after that change needs no backing call.
     stat_cache: tuple[float, os.stat_result] | None = None

@@ -60,8 +60,10 @@ def load() -> None:
         return
     library.mailfs_fuse_caps_status.restype = ctypes.POINTER(_Caps)
     library.mailfs_fuse_caps_clear.argtypes = [ctypes.c_uint]
-    library.mailfs_fh_appending.restype = ctypes.c_uint64
-    if library.mailfs_fh_appending() != FH_APPENDING:
+    fh_appending = getattr(library, "mailfs_fh_appending", None)  # absent in older builds
+    if fh_appending is not None:
+        fh_appending.restype = ctypes.c_uint64
+    if fh_appending is None or fh_appending() != FH_APPENDING:
         _problem = f"{path.name} is from another version of mailfs (reinstall it)"
         return
     _library = library
