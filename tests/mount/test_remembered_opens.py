@@ -14,6 +14,7 @@ import errno
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,15 @@ def read_through_open(path: os.PathLike[str] | str) -> bytes:
         return os.pread(fd, 1 << 20, 0)
     finally:
         os.close(fd)
+
+
+def known_to_mailfs(mount: MailfsMount, dirs: Dirs, name: str, body: bytes) -> Path:
+    """A file put on the store directly, then looked up through the mount (which reads
+    its attributes from the store: a later open may be remembered)."""
+    (dirs.backing / name).write_bytes(body)
+    path = mount.mountpoint / name
+    assert path.stat().st_size == len(body)
+    return path
 
 
 @pytest.fixture
@@ -81,9 +91,7 @@ def test_writes_through_the_mount_make_the_next_open_ask_the_store(
 def test_a_read_write_open_opens_the_store_at_its_first_write(
         mount: MailfsMount, dirs: Dirs) -> None:
     """sdbox opens its mail files O_RDWR, also just to read them."""
-    (dirs.backing / "u.1").write_bytes(b"body")
-    message = mount.mountpoint / "u.1"
-    assert message.stat().st_size == 4
+    message = known_to_mailfs(mount, dirs, "u.1", b"body")
     before = counters(mount)
     fd = os.open(message, os.O_RDWR)
     try:
@@ -100,9 +108,7 @@ def test_a_read_write_open_opens_the_store_at_its_first_write(
 def test_ftruncate_through_a_remembered_open_acts_on_its_file(
         mount: MailfsMount, dirs: Dirs) -> None:
     """Not on whatever holds the name by then: the file is opened for it first."""
-    (dirs.backing / "u.1").write_bytes(b"the message")
-    message = mount.mountpoint / "u.1"
-    assert message.stat().st_size == len(b"the message")
+    message = known_to_mailfs(mount, dirs, "u.1", b"the message")
     fd = os.open(message, os.O_RDWR)
     try:
         os.ftruncate(fd, 3)
@@ -114,9 +120,7 @@ def test_ftruncate_through_a_remembered_open_acts_on_its_file(
 
 def test_fsync_of_a_remembered_open_reaches_the_store(mount: MailfsMount, dirs: Dirs) -> None:
     """fsync covers what other handles wrote, so it is never skipped."""
-    (dirs.backing / "m").write_bytes(b"body")
-    message = mount.mountpoint / "m"
-    assert message.stat().st_size == 4
+    message = known_to_mailfs(mount, dirs, "m", b"body")
     before = counters(mount)
     fd = os.open(message, os.O_RDONLY)
     try:
