@@ -436,17 +436,20 @@ class MailFS:
         if self.listings.idle and not self.remembers_opens:
             return
         users = self.store.users_of_change(record)
-        now = time.monotonic()
         if users is None:
-            self.listings.drop_all()
-            self.freshness.drop_all(now)
+            self._forget_store_readings()
             return
+        now = time.monotonic()
         for user in users:
             self.listings.drop_user(user)
             self.freshness.drop_user(user, now)
 
     def store_replaced(self) -> None:
         """A peer's snapshot replaced the meta store: every user's index files changed."""
+        self._forget_store_readings()
+
+    def _forget_store_readings(self) -> None:
+        """Every listing, and every file's attributes that opens may be answered from."""
         self.listings.drop_all()
         self.freshness.drop_all(time.monotonic())
 
@@ -1586,8 +1589,7 @@ class MailFS:
         for parent, name in self.missing:
             invalidate.entry(parent, name)
         missing, self.missing = len(self.missing), OrderedDict()
-        self.listings.drop_all()
-        self.freshness.drop_all(time.monotonic())
+        self._forget_store_readings()
         self.caches_dropped += 1
         return {"inodes": inodes, "entries": entries, "missing_names": missing}
 
