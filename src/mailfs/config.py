@@ -116,6 +116,11 @@ class Config:
     backing_calls: str = "auto"
     import_on_access: bool = True
     allow_other: bool = True
+    # After a daemon crash, processes on the mount wait up to this long (instead of getting
+    # ENOTCONN) for their supervisor to stop them; 0: the connection dies with the daemon.
+    crash_hold: float = 30.0
+    # Kill the processes still on the mount when the hold ends, as a machine crash would.
+    crash_fence: bool = True
     log_level: str = "INFO"
     metrics_port: int = 0
     replicated: tuple[str, ...] = DEFAULT_REPLICATED
@@ -162,7 +167,8 @@ def control_socket_for(run_dir: Path, mountpoint: Path) -> Path:
 SECTIONS: dict[str, dict[str, str]] = {
     "mount": {"mode": "choice", "backing": "path", "mountpoint": "path", "state_dir": "path",
               "run_dir": "path",
-              "allow_other": "bool", "import_on_access": "bool"},
+              "allow_other": "bool", "import_on_access": "bool",
+              "crash_hold": "seconds", "crash_fence": "bool"},
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
               "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
     "commit": {"interval": "seconds", "max_pending": "size"},

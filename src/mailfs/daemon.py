@@ -33,6 +33,7 @@ from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
 from mailfs.fs.indexonly import IndexOnlyFS
 from mailfs.fs.operations import ERROR_REPLIES, REQUESTS, Operations
+from mailfs.fs.session import keeper
 from mailfs.replication.identity import node_namespace
 from mailfs.replication.replicator import Replicator
 from mailfs.replication.service import Replication
@@ -91,6 +92,7 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = time.time()
+        self.keeper: keeper.Keeper | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self.store = MetaStore(
             config.state_dir, config.ram_budget, config.lmdb_map_size,
@@ -208,6 +210,8 @@ class Daemon:
             "invalidations": self.fs.invalidator.sent,
             "passthrough_invalidations": self.fs.passthrough_invalidator.sent,
             "fuse_session": session.status(),
+            "crash_hold": {"seconds": self.config.crash_hold, "fence": self.config.crash_fence,
+                           "keeper_pid": self.keeper.pid if self.keeper else None},
             **({"replication": self.replication.replicator.status()}
                if self.replication is not None else {}),
         }
@@ -350,6 +354,10 @@ class Daemon:
                 pyfuse3.terminate()
 
 
+# How much longer than its hold a new mount waits for a crashed daemon's keeper.
+KEEPER_GRACE = 30.0
+
+
 def version_summary(version: LosingVersion) -> dict[str, Any]:
     return {"user": version.user.decode(errors="replace"),
             "path": version.path.decode(errors="replace"), "fid": f"{version.fid:#x}",
@@ -429,12 +437,42 @@ def close_unmounted(daemon: Daemon) -> None:
     daemon.store.close()
 
 
+def wait_for_previous_keeper(config: Config) -> None:
+    """A keeper of a crashed daemon of this state directory may still hold the old mount's
+    connection for processes the supervisor has not stopped yet: never serve beside them."""
+    pid = keeper.previous_keeper(config.state_dir)
+    if pid is None:
+        return
+    limit = config.crash_hold + KEEPER_GRACE
+    log.warning("the previous daemon of %s crashed and its keeper (pid %d) still holds the "
+                "old connection; waiting up to %g s for the processes on it to stop",
+                config.state_dir, pid, limit)
+    keeper.wait_for_previous(config.state_dir, limit)
+
+
+def start_keeper(config: Config, mountpoint: str, fuse_fds: set[int]) -> keeper.Keeper | None:
+    if config.crash_hold <= 0:
+        return None
+    if len(fuse_fds) != 1:
+        log.warning("no crash hold: expected one new /dev/fuse descriptor, found %d",
+                    len(fuse_fds))
+        return None
+    try:
+        return keeper.Keeper.start(fuse_fds.pop(), Path(mountpoint), config.state_dir,
+                                   config.crash_hold, config.crash_fence)
+    except OSError as exc:
+        log.warning("no crash hold: cannot start the connection keeper: %s", exc)
+        return None
+
+
 def run(config: Config, ready_fd: int | None = None) -> int:
     check_paths(config)
     # Resolved before mounting: once mounted, resolving the mountpoint would call into
     # this very daemon before it serves requests, and hang.
     control_socket = config.control_socket()
+    mountpoint = os.path.realpath(config.mountpoint)
     with state_dir_lock(config.state_dir):
+        wait_for_previous_keeper(config)
         daemon = Daemon(config)
         try:
             daemon.store.recover()
@@ -449,16 +487,21 @@ def run(config: Config, ready_fd: int | None = None) -> int:
             close_unmounted(daemon)
             raise
         choose_fuse_capabilities(config)
+        fuse_fds_before = keeper.fuse_device_fds()
         try:
             pyfuse3.init(Operations(daemon.fs), str(config.mountpoint), mount_options(config))
         except RuntimeError as exc:
             close_unmounted(daemon)
             raise UserError(f"cannot mount {config.mountpoint}: {exc}") from None
+        daemon.keeper = start_keeper(config, mountpoint,
+                                     keeper.fuse_device_fds() - fuse_fds_before)
         try:
             trio.run(daemon.main, ready_fd, control_socket)
         finally:
             # Also after SIGTERM, when the kernel has not unmounted us: leave no dead mount.
             pyfuse3.close(unmount=True)
+            if daemon.keeper is not None:
+                daemon.keeper.unmounted()
             try:
                 daemon.store.mark_stopped()
                 daemon.store.commit_now()

@@ -1,0 +1,205 @@
+"""After a daemon crash, processes on the mount wait instead of failing (crash_hold).
+
+Each test crashes the daemon (SIGKILL) while another process holds a file of the mount
+open, the way a Dovecot process holds its indexes, and then has that process read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mount.conftest import Dirs
+from tests.rigs.mount import MailfsMount, is_mounted, run_cli
+
+MakeMount = type[MailfsMount]
+
+# Opens a file, says so, reads once per line on stdin and reports what came back.
+READER = textwrap.dedent("""
+    import errno, os, sys, time
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+    print("open", flush=True)
+    for _ in sys.stdin:
+        began = time.monotonic()
+        try:
+            os.fstat(fd)
+            os.stat(sys.argv[1])
+            result = "ok"
+        except OSError as exc:
+            result = errno.errorcode[exc.errno]
+        print(result, round(time.monotonic() - began, 2), flush=True)
+""")
+
+
+class Reader:
+    def __init__(self, path: Path) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", READER, str(path)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+        assert self.process.stdout is not None and self.process.stdin is not None
+        self.stdout, self.stdin = self.process.stdout, self.process.stdin
+        assert self.stdout.readline().strip() == "open"
+        self.answer: list[str] = []
+        self._thread: threading.Thread | None = None
+
+    def ask(self) -> None:
+        """One access in the background; `answer` gets "ok SECONDS" or "ERRNO SECONDS"."""
+        self.stdin.write("go\n")
+        self.stdin.flush()
+        self._thread = threading.Thread(
+            target=lambda: self.answer.append(self.stdout.readline().strip()), daemon=True)
+        self._thread.start()
+
+    def wait_answer(self, timeout: float) -> str | None:
+        assert self._thread is not None
+        self._thread.join(timeout)
+        return self.answer[-1] if self.answer else None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def reader_of() -> Iterator[object]:
+    readers: list[Reader] = []
+
+    def start(path: Path) -> Reader:
+        readers.append(Reader(path))
+        return readers[-1]
+
+    yield start
+    for reader in readers:
+        reader.close()
+
+
+def crash(mount: MailfsMount) -> int:
+    """SIGKILL of the daemon alone; returns its keeper's pid (looked up before)."""
+    keeper = status(mount)["crash_hold"]["keeper_pid"]
+    assert isinstance(keeper, int)
+    assert mount.process is not None
+    mount.process.send_signal(signal.SIGKILL)
+    mount.process.wait(timeout=30)
+    return keeper
+
+
+def status(mount: MailfsMount) -> dict[str, object]:
+    result = run_cli("status", str(mount.mountpoint), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # Our own child never: the keeper has its own session, and init reaps it.
+        time.sleep(0.05)
+    return False
+
+
+def test_processes_wait_until_stopped_and_the_next_mount_serves_everything(
+        make_mount: MakeMount, dirs: Dirs, reader_of: type[Reader]) -> None:
+    mount = make_mount()
+    (mount.mountpoint / "dovecot.index").write_bytes(b"written before the crash")
+    reader = reader_of(mount.mountpoint / "dovecot.index")
+    keeper = crash(mount)
+    reader.ask()
+    assert reader.wait_answer(2.0) is None, "a process on the crashed mount failed at once"
+    assert not gone(keeper, 0.5), "the keeper let go while a process still used the mount"
+    reader.close()  # the supervisor stops Dovecot
+    assert gone(keeper, 10), "the keeper held on after the last process had gone"
+    assert "no process uses" in mount.log()
+    mount.kill()
+    mount = make_mount()
+    assert (mount.mountpoint / "dovecot.index").read_bytes() == b"written before the crash"
+
+
+def test_without_a_hold_processes_fail_at_once(
+        make_mount: MakeMount, reader_of: type[Reader]) -> None:
+    mount = make_mount(("-o", "crash_hold=0"))
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    reader = reader_of(mount.mountpoint / "dovecot.index")
+    assert status(mount)["crash_hold"]["keeper_pid"] is None  # type: ignore[index]
+    assert mount.process is not None
+    mount.process.send_signal(signal.SIGKILL)
+    mount.process.wait(timeout=30)
+    reader.ask()
+    answer = reader.wait_answer(10.0)
+    assert answer is not None and answer.split()[0] in ("ENOTCONN", "ECONNABORTED"), answer
+
+
+def test_the_hold_ends_by_killing_the_processes_still_on_the_mount(
+        make_mount: MakeMount, reader_of: type[Reader]) -> None:
+    mount = make_mount(("-o", "crash_hold=2"))
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    reader = reader_of(mount.mountpoint / "dovecot.index")
+    keeper = crash(mount)
+    began = time.monotonic()
+    reader.ask()
+    reader.process.wait(timeout=30)
+    assert reader.process.returncode == -signal.SIGKILL
+    assert time.monotonic() - began >= 1.5
+    assert reader.answer == [] or reader.answer == [""], "the process ran on after an error"
+    assert gone(keeper, 10)
+    log = mount.log()
+    assert "killed them" in log and f"{reader.process.pid} (python" in log
+
+
+def test_without_the_fence_the_hold_ends_in_enotconn(
+        make_mount: MakeMount, reader_of: type[Reader]) -> None:
+    mount = make_mount(("-o", "crash_hold=2", "-o", "crash_fence=false"))
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    reader = reader_of(mount.mountpoint / "dovecot.index")
+    crash(mount)
+    reader.ask()
+    answer = reader.wait_answer(30.0)
+    assert answer is not None, "the hold did not end"
+    result, seconds = answer.split()
+    assert result in ("ENOTCONN", "ECONNABORTED") and float(seconds) >= 1.5, answer
+    assert reader.process.poll() is None
+
+
+def test_a_new_mount_waits_for_the_processes_of_the_crashed_one(
+        make_mount: MakeMount, dirs: Dirs, reader_of: type[Reader]) -> None:
+    mount = make_mount()
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    reader = reader_of(mount.mountpoint / "dovecot.index")
+    keeper = crash(mount)
+    mount.kill()  # clears the dead mount the way an admin would; the hold goes on
+    started: list[MailfsMount] = []
+    thread = threading.Thread(target=lambda: started.append(make_mount()), daemon=True)
+    thread.start()
+    time.sleep(2.0)
+    assert not is_mounted(dirs.mnt), "mounted beside a process of the crashed daemon"
+    assert not gone(keeper, 0.1)
+    reader.close()
+    thread.join(60)
+    assert started and is_mounted(dirs.mnt)
+    assert "still holds the old connection" in started[0].log()
+    assert (dirs.mnt / "dovecot.index").read_bytes() == b"x"
+
+
+def test_a_clean_unmount_ends_the_keeper_and_sigterm_does_not(make_mount: MakeMount) -> None:
+    mount = make_mount()
+    keeper = status(mount)["crash_hold"]["keeper_pid"]  # type: ignore[index]
+    assert isinstance(keeper, int)
+    os.kill(keeper, signal.SIGTERM)  # systemd's stop reaches every process of the unit
+    assert not gone(keeper, 0.5)
+    (mount.mountpoint / "dovecot.index").write_bytes(b"still served")
+    mount.stop()
+    assert gone(keeper, 10), "the keeper outlived a clean unmount"
