@@ -19,6 +19,7 @@ from typing import Any
 from mailfs import __version__, control, mounts
 from mailfs.config import Config, apply_overrides, build, control_socket_for
 from mailfs.errors import UserError, ensure_directory
+from mailfs.fs.session import keeper
 
 EXIT_USER_ERROR = 1
 DEFAULT_CONFIG = Path("/etc/mailfs/mailfs.toml")
@@ -385,6 +386,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
     except UserError:
         if not mounts.is_dead_mailfs_mount(args.mountpoint, path):
             raise
+        if keeper.end_holds(mounts.real_mountpoint(args.mountpoint)):
+            print("ended the crash hold of its FUSE connection (the daemon's log names the "
+                  "processes that still used it)")
         mounts.clear_dead_mount(args.mountpoint)
         print(f"cleared the mount of a mailfs daemon that had died; its changes are replayed "
               f"from the journal at the next mount of {args.mountpoint}")

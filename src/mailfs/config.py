@@ -15,6 +15,7 @@ from typing import Any
 
 from mailfs.errors import UserError, read_small_file
 from mailfs.fs.classifier import DEFAULT_REPLICATED, DEFAULT_VOLATILE, validate_patterns
+from mailfs.mounts import real_mountpoint
 from mailfs.replication.identity import node_namespace
 
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -157,7 +158,7 @@ class Config:
 
 def control_socket_for(run_dir: Path, mountpoint: Path) -> Path:
     """One socket per mountpoint: a readable name plus a hash, so that no two collide."""
-    real = os.path.realpath(mountpoint)
+    real = real_mountpoint(mountpoint)
     tag = hashlib.sha256(os.fsencode(real)).hexdigest()[:16]
     name = os.path.basename(real)[:40] or "root"
     return run_dir / f"{name}-{tag}.sock"

@@ -447,7 +447,7 @@ def wait_for_previous_keeper(config: Config) -> None:
     log.warning("the previous daemon of %s crashed and its keeper (pid %d) still holds the "
                 "old connection; waiting up to %g s for the processes on it to stop",
                 config.state_dir, pid, limit)
-    keeper.wait_for_previous(config.state_dir, limit)
+    keeper.wait_gone(pid, limit)
 
 
 def start_keeper(config: Config, mountpoint: str, fuse_fds: set[int]) -> keeper.Keeper | None:
@@ -470,7 +470,7 @@ def run(config: Config, ready_fd: int | None = None) -> int:
     # Resolved before mounting: once mounted, resolving the mountpoint would call into
     # this very daemon before it serves requests, and hang.
     control_socket = config.control_socket()
-    mountpoint = os.path.realpath(config.mountpoint)
+    mountpoint = mounts.real_mountpoint(config.mountpoint)
     with state_dir_lock(config.state_dir):
         wait_for_previous_keeper(config)
         daemon = Daemon(config)

@@ -25,6 +25,19 @@ def mount_type(mountpoint: Path) -> str | None:
     return None
 
 
+def real_mountpoint(path: Path | str) -> str:
+    """os.path.realpath of a mountpoint, without asking the filesystem mounted there.
+
+    Resolving the last component would ask that filesystem for its root's attributes; a
+    crashed mailfs whose connection is held (crash_hold) would make that wait. A mount's
+    target in the mount table is already resolved."""
+    parent, name = os.path.split(os.path.abspath(path))
+    candidate = os.path.join(os.path.realpath(parent), name)
+    if mount_type(Path(candidate)) is not None:
+        return candidate
+    return os.path.realpath(path)
+
+
 def is_dead_mailfs_mount(mountpoint: Path, control_socket: Path) -> bool:
     """A mailfs mount whose daemon is gone.
 

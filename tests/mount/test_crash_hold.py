@@ -203,3 +203,26 @@ def test_a_clean_unmount_ends_the_keeper_and_sigterm_does_not(make_mount: MakeMo
     (mount.mountpoint / "dovecot.index").write_bytes(b"still served")
     mount.stop()
     assert gone(keeper, 10), "the keeper outlived a clean unmount"
+
+
+def test_umount_of_the_crashed_mount_ends_the_hold_at_once(
+        make_mount: MakeMount, dirs: Dirs, reader_of: type[Reader]) -> None:
+    """systemd runs ExecStop (`mailfs umount`) after the crash: it must neither wait on the
+    held connection nor leave the processes on it waiting for the whole hold."""
+    mount = make_mount(("-o", "crash_hold=120", "-o", "index_timeout=0.1",
+                        "-o", "passthrough_timeout=0.1"))
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    reader = reader_of(mount.mountpoint / "dovecot.index")
+    keeper = crash(mount)
+    reader.ask()
+    time.sleep(0.5)  # past the root's attribute timeout: a stat of it would wait
+    began = time.monotonic()
+    result = run_cli("umount", str(mount.mountpoint), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - began < 30
+    assert "ended the crash hold" in result.stdout
+    assert gone(keeper, 10)
+    reader.process.wait(timeout=10)
+    assert reader.process.returncode == -signal.SIGKILL
+    assert not is_mounted(dirs.mnt)
+    assert "when told to unmount; killed them" in mount.log()

@@ -14,10 +14,11 @@ without saying "unmounted", the keeper holds the connection: requests on the mou
 - once no process uses the mount any more (its files open or mapped, its directories as
   cwd or root), or every one left is already being killed: the supervisor stopped
   Dovecot;
-- after `hold` seconds at the latest (never freeze). With `fence`, the processes still
-  using the mount are then killed, as a machine crash would: each of them holds index
-  state the next mount does not know, and lets nothing it does after an error reach the
-  indexes. Without, they get ENOTCONN.
+- when told to (SIGUSR1 from `mailfs umount` of the dead mount, which systemd's ExecStop
+  runs after the crash), or after `hold` seconds at the latest (never freeze). With
+  `fence`, the processes still using the mount are then killed, as a machine crash would:
+  each holds index state the next mount does not know, and nothing it would do after an
+  error reaches the indexes. Without, they get ENOTCONN.
 Then the keeper exits and its descriptor, the connection's last, closes.
 
 A new mount of the same state directory waits for a keeper that still holds
@@ -188,31 +189,42 @@ def wait_for_daemon(watch_fd: int) -> bool:
         said += chunk
 
 
+class EndRequest:
+    """SIGUSR1 ends the hold early (`mailfs umount` of the dead mount)."""
+
+    asked = False
+
+    @classmethod
+    def handle(cls, _signum: int, _frame: object) -> None:
+        cls.asked = True
+
+
 def hold(mount: MountIdentity, mountpoint: str, seconds: float, fence: bool) -> None:
     say("WARNING", f"the mailfs daemon of {mountpoint} died; holding its FUSE connection "
                    f"for up to {seconds:g} s, so that processes on it wait instead of "
                    f"failing until they are stopped")
-    deadline = time.monotonic() + seconds
+    began = time.monotonic()
     while True:
         left = still_running(users(mount, mountpoint))
         if not left:
             say("WARNING", f"no process uses {mountpoint} any more; releasing its FUSE "
                            f"connection")
             return
-        if time.monotonic() >= deadline:
+        if EndRequest.asked or time.monotonic() - began >= seconds:
             break
         time.sleep(POLL_SECONDS)
+    why = "when told to unmount" if EndRequest.asked else f"after {seconds:g} s"
     named = ", ".join(f"{pid} ({command_of(pid)})" for pid in left[:20])
     if fence:
         for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        say("WARNING", f"{len(left)} processes still used {mountpoint} after {seconds:g} s; "
-                       f"killed them, as a crash of their machine would (they hold index "
-                       f"state the next mount does not know): {named}")
+        say("WARNING", f"{len(left)} processes still used {mountpoint} {why}; killed them, "
+                       f"as a crash of their machine would (they hold index state the next "
+                       f"mount does not know): {named}")
     else:
-        say("WARNING", f"{len(left)} processes still use {mountpoint} after {seconds:g} s; "
-                       f"releasing its FUSE connection, they get ENOTCONN: {named}")
+        say("WARNING", f"{len(left)} processes still use {mountpoint} {why}; releasing its "
+                       f"FUSE connection, they get ENOTCONN: {named}")
 
 
 def keeper_main(argv: Sequence[str] | None = None) -> int:
@@ -227,6 +239,7 @@ def keeper_main(argv: Sequence[str] | None = None) -> int:
     # the pipe, the hold's end or SIGKILL end the keeper.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, EndRequest.handle)
     mount = mount_identity(_read("/proc/self/mountinfo"), args.mountpoint)
     if mount is None:
         say("WARNING", f"{args.mountpoint} is not in the mount table; nothing to hold")
@@ -288,7 +301,9 @@ class Keeper:
             raise
         finally:
             os.close(read_end)
-        (state_dir / PIDFILE).write_text(f"{process.pid} {start_time(process.pid)}\n")
+        # Only for the next mount's wait; a full state disk must not cost the hold itself.
+        with contextlib.suppress(OSError):
+            (state_dir / PIDFILE).write_text(f"{process.pid} {start_time(process.pid)}\n")
         return cls(process, write_end)
 
     def unmounted(self) -> None:
@@ -306,6 +321,49 @@ class Keeper:
             self.process.wait()
 
 
+def is_keeper(pid: int, mountpoint: str | None = None) -> bool:
+    """Whether `pid` is a keeper process (of `mountpoint`, if given)."""
+    try:
+        command = _read(f"/proc/{pid}/cmdline").split("\0")
+    except OSError:
+        return False
+    if not any(part.endswith("keeper.py") for part in command[:3]):
+        return False
+    if mountpoint is None:
+        return True
+    with contextlib.suppress(ValueError, IndexError):
+        return command[command.index("--mountpoint") + 1] == mountpoint
+    return False
+
+
+def end_holds(mountpoint: str, timeout: float = 10.0) -> list[int]:
+    """Ends the hold of every keeper of `mountpoint` now (with its fence) and waits for
+    them to let go; returns their pids."""
+    ended = []
+    for pid in processes():
+        if is_keeper(pid, mountpoint):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+                ended.append(pid)
+    for pid in ended:
+        wait_gone(pid, timeout)
+    return ended
+
+
+def wait_gone(pid: int, timeout: float) -> None:
+    """Until `pid` exits, up to `timeout` s; then SIGKILL it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+
+
 def previous_keeper(state_dir: Path) -> int | None:
     """The pid of a keeper that an earlier daemon of this state directory left running."""
     try:
@@ -313,31 +371,8 @@ def previous_keeper(state_dir: Path) -> int | None:
         pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    if start_time(pid) != started.strip():
+    if start_time(pid) != started.strip() or not is_keeper(pid):
         return None
-    try:
-        command = _read(f"/proc/{pid}/cmdline").split("\0")
-    except OSError:
-        return None
-    return pid if any(part.endswith("keeper.py") for part in command) else None
-
-
-def wait_for_previous(state_dir: Path, timeout: float) -> int | None:
-    """Until the keeper an earlier (crashed) daemon left has let its connection go, up to
-    `timeout` s, then kill it. Returns its pid if there was one."""
-    pid = previous_keeper(state_dir)
-    if pid is None:
-        return None
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return pid
-    try:
-        if not select.select([pidfd], [], [], timeout)[0]:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    finally:
-        os.close(pidfd)
     return pid
 
 
