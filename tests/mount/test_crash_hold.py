@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,8 @@ import pytest
 from tests.mount.conftest import Dirs
 from tests.rigs.mount import MailfsMount, is_mounted, run_cli
 
-MakeMount = type[MailfsMount]
+MakeMount = Callable[..., MailfsMount]
+ReaderOf = Callable[[Path], "Reader"]
 
 # Opens a file, says so, reads once per line on stdin and reports what came back.
 READER = textwrap.dedent("""
@@ -72,7 +73,7 @@ class Reader:
 
 
 @pytest.fixture
-def reader_of() -> Iterator[object]:
+def reader_of() -> Iterator[ReaderOf]:
     readers: list[Reader] = []
 
     def start(path: Path) -> Reader:
@@ -86,18 +87,20 @@ def reader_of() -> Iterator[object]:
 
 def crash(mount: MailfsMount) -> int:
     """SIGKILL of the daemon alone; returns its keeper's pid (looked up before)."""
-    keeper = status(mount)["crash_hold"]["keeper_pid"]
-    assert isinstance(keeper, int)
+    keeper = keeper_pid(mount)
+    assert keeper is not None
     assert mount.process is not None
     mount.process.send_signal(signal.SIGKILL)
     mount.process.wait(timeout=30)
     return keeper
 
 
-def status(mount: MailfsMount) -> dict[str, object]:
+def keeper_pid(mount: MailfsMount) -> int | None:
     result = run_cli("status", str(mount.mountpoint), "--json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    pid = json.loads(result.stdout)["crash_hold"]["keeper_pid"]
+    assert pid is None or isinstance(pid, int)
+    return pid
 
 
 def gone(pid: int, timeout: float) -> bool:
@@ -112,11 +115,18 @@ def gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def mount_and_reader(make_mount: MakeMount, reader_of: ReaderOf, *options: str,
+                     content: bytes = b"x") -> tuple[MailfsMount, Reader]:
+    """A mount with one index file, and a process that holds that file open."""
+    mount = make_mount(tuple(arg for option in options for arg in ("-o", option)))
+    (mount.mountpoint / "dovecot.index").write_bytes(content)
+    return mount, reader_of(mount.mountpoint / "dovecot.index")
+
+
 def test_processes_wait_until_stopped_and_the_next_mount_serves_everything(
-        make_mount: MakeMount, dirs: Dirs, reader_of: type[Reader]) -> None:
-    mount = make_mount()
-    (mount.mountpoint / "dovecot.index").write_bytes(b"written before the crash")
-    reader = reader_of(mount.mountpoint / "dovecot.index")
+        make_mount: MakeMount, dirs: Dirs, reader_of: ReaderOf) -> None:
+    mount, reader = mount_and_reader(make_mount, reader_of,
+                                     content=b"written before the crash")
     keeper = crash(mount)
     reader.ask()
     assert reader.wait_answer(2.0) is None, "a process on the crashed mount failed at once"
@@ -130,11 +140,9 @@ def test_processes_wait_until_stopped_and_the_next_mount_serves_everything(
 
 
 def test_without_a_hold_processes_fail_at_once(
-        make_mount: MakeMount, reader_of: type[Reader]) -> None:
-    mount = make_mount(("-o", "crash_hold=0"))
-    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
-    reader = reader_of(mount.mountpoint / "dovecot.index")
-    assert status(mount)["crash_hold"]["keeper_pid"] is None  # type: ignore[index]
+        make_mount: MakeMount, reader_of: ReaderOf) -> None:
+    mount, reader = mount_and_reader(make_mount, reader_of, "crash_hold=0")
+    assert keeper_pid(mount) is None
     assert mount.process is not None
     mount.process.send_signal(signal.SIGKILL)
     mount.process.wait(timeout=30)
@@ -144,10 +152,8 @@ def test_without_a_hold_processes_fail_at_once(
 
 
 def test_the_hold_ends_by_killing_the_processes_still_on_the_mount(
-        make_mount: MakeMount, reader_of: type[Reader]) -> None:
-    mount = make_mount(("-o", "crash_hold=2"))
-    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
-    reader = reader_of(mount.mountpoint / "dovecot.index")
+        make_mount: MakeMount, reader_of: ReaderOf) -> None:
+    mount, reader = mount_and_reader(make_mount, reader_of, "crash_hold=2")
     keeper = crash(mount)
     began = time.monotonic()
     reader.ask()
@@ -161,10 +167,9 @@ def test_the_hold_ends_by_killing_the_processes_still_on_the_mount(
 
 
 def test_without_the_fence_the_hold_ends_in_enotconn(
-        make_mount: MakeMount, reader_of: type[Reader]) -> None:
-    mount = make_mount(("-o", "crash_hold=2", "-o", "crash_fence=false"))
-    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
-    reader = reader_of(mount.mountpoint / "dovecot.index")
+        make_mount: MakeMount, reader_of: ReaderOf) -> None:
+    mount, reader = mount_and_reader(make_mount, reader_of, "crash_hold=2",
+                                     "crash_fence=false")
     crash(mount)
     reader.ask()
     answer = reader.wait_answer(30.0)
@@ -175,10 +180,8 @@ def test_without_the_fence_the_hold_ends_in_enotconn(
 
 
 def test_a_new_mount_waits_for_the_processes_of_the_crashed_one(
-        make_mount: MakeMount, dirs: Dirs, reader_of: type[Reader]) -> None:
-    mount = make_mount()
-    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
-    reader = reader_of(mount.mountpoint / "dovecot.index")
+        make_mount: MakeMount, dirs: Dirs, reader_of: ReaderOf) -> None:
+    mount, reader = mount_and_reader(make_mount, reader_of)
     keeper = crash(mount)
     mount.kill()  # clears the dead mount the way an admin would; the hold goes on
     started: list[MailfsMount] = []
@@ -196,8 +199,8 @@ def test_a_new_mount_waits_for_the_processes_of_the_crashed_one(
 
 def test_a_clean_unmount_ends_the_keeper_and_sigterm_does_not(make_mount: MakeMount) -> None:
     mount = make_mount()
-    keeper = status(mount)["crash_hold"]["keeper_pid"]  # type: ignore[index]
-    assert isinstance(keeper, int)
+    keeper = keeper_pid(mount)
+    assert keeper is not None
     os.kill(keeper, signal.SIGTERM)  # systemd's stop reaches every process of the unit
     assert not gone(keeper, 0.5)
     (mount.mountpoint / "dovecot.index").write_bytes(b"still served")
@@ -206,13 +209,11 @@ def test_a_clean_unmount_ends_the_keeper_and_sigterm_does_not(make_mount: MakeMo
 
 
 def test_umount_of_the_crashed_mount_ends_the_hold_at_once(
-        make_mount: MakeMount, dirs: Dirs, reader_of: type[Reader]) -> None:
+        make_mount: MakeMount, dirs: Dirs, reader_of: ReaderOf) -> None:
     """systemd runs ExecStop (`mailfs umount`) after the crash: it must neither wait on the
     held connection nor leave the processes on it waiting for the whole hold."""
-    mount = make_mount(("-o", "crash_hold=120", "-o", "index_timeout=0.1",
-                        "-o", "passthrough_timeout=0.1"))
-    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
-    reader = reader_of(mount.mountpoint / "dovecot.index")
+    mount, reader = mount_and_reader(make_mount, reader_of, "crash_hold=120",
+                                     "index_timeout=0.1", "passthrough_timeout=0.1")
     keeper = crash(mount)
     reader.ask()
     time.sleep(0.5)  # past the root's attribute timeout: a stat of it would wait
