@@ -257,8 +257,25 @@ class Soak:
 
     def own_error(self, node: str, when: float) -> bool:
         """Was the node disturbed then (or settling after it)?"""
-        return any(d.node == node and d.start - 1 <= when <= (d.end or d.start) + SETTLE_SECONDS
-                   for d in self.disturbances)
+        return self.disturbance_at(node, when) is not None
+
+    def disturbance_at(self, node: str, when: float) -> str | None:
+        """What disturbed the node then (or it was settling after): kill, fill or None."""
+        for d in self.disturbances:
+            if d.node == node and d.start - 1 <= when <= (d.end or d.start) + SETTLE_SECONDS:
+                return d.what
+        return None
+
+    def corruption_by_disturbance(self, node: str) -> dict[str, int]:
+        """The node's Dovecot corruption or repair lines, by what disturbed it then."""
+        dovecot = self.dovecots[node]
+        counts = {"kill": 0, "fill": 0, "none": 0}
+        for line in dovecot.log_problems() + dovecot.index_rebuild_lines():
+            if CORRUPTION.search(line):
+                when = log_time(line)
+                counts[(self.disturbance_at(node, when) if when is not None else None)
+                       or "none"] += 1
+        return counts
 
     def errors(self) -> dict[str, dict[str, int]]:
         split: dict[str, dict[str, int]] = {}
@@ -396,6 +413,10 @@ def report(soak: Soak, info: dict[str, str]) -> str:
         lines.append(f"  {node}: while disturbed {len(found['while disturbed'])}, "
                      f"other {len(found['other'])}; of all these, corruption or repair "
                      f"lines {len(damaged)}")
+        by_kind = soak.corruption_by_disturbance(node)
+        lines.append(f"     corruption or repair lines in its kill windows {by_kind['kill']}, "
+                     f"in its full-disk window {by_kind['fill']}, outside them "
+                     f"{by_kind['none']}")
         lines += [f"     other: {line[:240]}" for line in found["other"][:8]]
         lines += [f"     while disturbed: {line[:240]}" for line in found["while disturbed"][:3]]
     lines += ["", "daemon RSS, MiB (min / max over the run; a daemon is new after each kill):"]
