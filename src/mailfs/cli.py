@@ -386,10 +386,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
     except UserError:
         if not mounts.is_dead_mailfs_mount(args.mountpoint, path):
             raise
-        if keeper.end_holds(mounts.real_mountpoint(args.mountpoint)):
+        mountpoint = mounts.real_mountpoint(args.mountpoint)
+        os.chdir("/")  # a shell inside the dead mount must not make us one of its users
+        if keeper.end_holds(mountpoint):
             print("ended the crash hold of its FUSE connection (the daemon's log names the "
                   "processes that still used it)")
-        mounts.clear_dead_mount(args.mountpoint)
+        mounts.clear_dead_mount(Path(mountpoint))
         print(f"cleared the mount of a mailfs daemon that had died; its changes are replayed "
               f"from the journal at the next mount of {args.mountpoint}")
         return 0

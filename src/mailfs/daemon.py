@@ -63,9 +63,14 @@ def state_dir_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def check_paths(config: Config) -> None:
+def check_privileges() -> None:
     if os.geteuid() != 0:
         raise UserError("mailfs must run as root (it mounts with allow_other and sets owners)")
+
+
+def check_paths(config: Config) -> None:
+    """Run with the state dir locked and no earlier keeper holding: clearing a dead mount
+    while its keeper holds would bare the mountpoint directory for the whole hold."""
     if config.mode == "full" and not config.backing.is_dir():
         raise UserError(f"backing path {config.backing} does not exist or is not a directory")
     if mounts.is_dead_mailfs_mount(config.mountpoint, config.control_socket()):
@@ -443,11 +448,11 @@ def wait_for_previous_keeper(config: Config) -> None:
     pid = keeper.previous_keeper(config.state_dir)
     if pid is None:
         return
-    limit = config.crash_hold + KEEPER_GRACE
+    limit = (keeper.hold_seconds(pid) or config.crash_hold) + KEEPER_GRACE
     log.warning("the previous daemon of %s crashed and its keeper (pid %d) still holds the "
                 "old connection; waiting up to %g s for the processes on it to stop",
                 config.state_dir, pid, limit)
-    keeper.wait_gone(pid, limit)
+    keeper.wait_for_keeper(pid, limit)
 
 
 def start_keeper(config: Config, mountpoint: str, fuse_fds: set[int]) -> keeper.Keeper | None:
@@ -466,13 +471,17 @@ def start_keeper(config: Config, mountpoint: str, fuse_fds: set[int]) -> keeper.
 
 
 def run(config: Config, ready_fd: int | None = None) -> int:
-    check_paths(config)
+    check_privileges()
+    # Never a user of its own mount: a keeper's fence must not find the daemon there.
+    os.chdir("/")
+    ensure_directory(config.state_dir, "state dir")
     # Resolved before mounting: once mounted, resolving the mountpoint would call into
     # this very daemon before it serves requests, and hang.
     control_socket = config.control_socket()
     mountpoint = mounts.real_mountpoint(config.mountpoint)
     with state_dir_lock(config.state_dir):
         wait_for_previous_keeper(config)
+        check_paths(config)
         daemon = Daemon(config)
         try:
             daemon.store.recover()
@@ -493,15 +502,24 @@ def run(config: Config, ready_fd: int | None = None) -> int:
         except RuntimeError as exc:
             close_unmounted(daemon)
             raise UserError(f"cannot mount {config.mountpoint}: {exc}") from None
-        daemon.keeper = start_keeper(config, mountpoint,
-                                     keeper.fuse_device_fds() - fuse_fds_before)
+        served = False
         try:
+            daemon.keeper = start_keeper(config, mountpoint,
+                                         keeper.fuse_device_fds() - fuse_fds_before)
             trio.run(daemon.main, ready_fd, control_socket)
+            served = True
         finally:
-            # Also after SIGTERM, when the kernel has not unmounted us: leave no dead mount.
-            pyfuse3.close(unmount=True)
-            if daemon.keeper is not None:
-                daemon.keeper.unmounted()
+            if served or daemon.keeper is None:
+                # Also after SIGTERM, when the kernel has not unmounted us: leave no dead
+                # mount.
+                pyfuse3.close(unmount=True)
+                if daemon.keeper is not None:
+                    daemon.keeper.unmounted()
+            else:
+                # A failure inside the daemon is a crash like any other: the keeper holds
+                # the connection for the processes on it.
+                log.critical("mailfs failed; its keeper holds the mount's connection for "
+                             "up to %g s (crash_hold)", config.crash_hold)
             try:
                 daemon.store.mark_stopped()
                 daemon.store.commit_now()

@@ -8,12 +8,14 @@ import socket
 import subprocess
 from pathlib import Path
 
+from mailfs.fs.session.keeper import mountinfo_escaped
+
 log = logging.getLogger(__name__)
 
 
 def mount_type(mountpoint: Path) -> str | None:
     """The filesystem type mounted exactly at mountpoint ("fuse.mailfs", ...), or None."""
-    target = os.path.abspath(mountpoint)
+    target = mountinfo_escaped(os.path.abspath(mountpoint))
     try:
         with open("/proc/self/mountinfo") as table:
             for line in table:
@@ -45,7 +47,7 @@ def is_dead_mailfs_mount(mountpoint: Path, control_socket: Path) -> bool:
     daemon on a stalled backing store could make us wait; a live daemon always accepts on
     its control socket, a dead one cannot.
     """
-    if mount_type(mountpoint) != "fuse.mailfs":
+    if mount_type(Path(real_mountpoint(mountpoint))) != "fuse.mailfs":
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(5)

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from tests.mount.conftest import Dirs
 from tests.rigs.mount import MailfsMount, is_mounted, run_cli
 
 MakeMount = Callable[..., MailfsMount]
-ReaderOf = Callable[[Path], "Reader"]
+ReaderOf = Callable[..., "Reader"]
 
 # Opens a file, says so, reads once per line on stdin and reports what came back.
 READER = textwrap.dedent("""
@@ -43,8 +43,8 @@ READER = textwrap.dedent("""
 
 
 class Reader:
-    def __init__(self, path: Path) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", READER, str(path)],
+    def __init__(self, path: Path, prefix: Sequence[str] = ()) -> None:
+        self.process = subprocess.Popen([*prefix, sys.executable, "-c", READER, str(path)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True)
         assert self.process.stdout is not None and self.process.stdin is not None
@@ -76,8 +76,8 @@ class Reader:
 def reader_of() -> Iterator[ReaderOf]:
     readers: list[Reader] = []
 
-    def start(path: Path) -> Reader:
-        readers.append(Reader(path))
+    def start(path: Path, prefix: Sequence[str] = ()) -> Reader:
+        readers.append(Reader(path, prefix))
         return readers[-1]
 
     yield start
@@ -104,15 +104,19 @@ def keeper_pid(mount: MailfsMount) -> int | None:
 
 
 def gone(pid: int, timeout: float) -> bool:
+    """Whether `pid` has exited within `timeout` s (a zombie counts: whoever adopted the
+    keeper may reap it late)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rpartition(")")[2].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
             return True
-        # Our own child never: the keeper has its own session, and init reaps it.
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
-    return False
 
 
 def mount_and_reader(make_mount: MakeMount, reader_of: ReaderOf, *options: str,
@@ -227,3 +231,60 @@ def test_umount_of_the_crashed_mount_ends_the_hold_at_once(
     assert reader.process.returncode == -signal.SIGKILL
     assert not is_mounted(dirs.mnt)
     assert "when told to unmount; killed them" in mount.log()
+
+
+def test_a_process_in_another_mount_namespace_keeps_the_hold(
+        make_mount: MakeMount, reader_of: ReaderOf) -> None:
+    """systemd starts Dovecot with PrivateTmp=: its files on the mount have mount ids of
+    its own namespace. An idle process with the file open must keep the hold all the same."""
+    mount = make_mount()
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    reader = reader_of(mount.mountpoint / "dovecot.index",
+                       ["unshare", "--mount", "--propagation", "slave"])
+    keeper = crash(mount)
+    assert not gone(keeper, 2.0), "released while a process in another namespace held a file"
+    reader.close()
+    assert gone(keeper, 10)
+
+
+PATH_CALLER = textwrap.dedent("""
+    import os, sys
+    print("ready", flush=True)
+    sys.stdin.readline()
+    os.stat(sys.argv[1])
+    print("returned", flush=True)
+""")
+
+
+def test_a_process_waiting_in_a_path_call_keeps_the_hold_and_is_fenced(
+        make_mount: MakeMount, dirs: Dirs) -> None:
+    """No file of the mount open: only the request it waits on names it."""
+    mount = make_mount(("-o", "crash_hold=3", "-o", "index_timeout=0.1",
+                        "-o", "passthrough_timeout=0.1"))
+    (mount.mountpoint / "dovecot.index").write_bytes(b"x")
+    caller = subprocess.Popen([sys.executable, "-c", PATH_CALLER,
+                               str(mount.mountpoint / "dovecot.index")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd="/")
+    try:
+        assert caller.stdout is not None and caller.stdin is not None
+        assert caller.stdout.readline().strip() == "ready"
+        keeper = keeper_pid(mount)
+        assert keeper is not None and mount.process is not None
+        # Stopped first, so that the stat's request waits unread when the daemon dies.
+        mount.process.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)  # past the attribute timeouts: the stat must ask the daemon
+        caller.stdin.write("go\n")
+        caller.stdin.flush()
+        time.sleep(0.3)
+        mount.process.send_signal(signal.SIGKILL)
+        mount.process.wait(timeout=30)
+        assert not gone(keeper, 1.5), "released while a process waited in a path call"
+        caller.wait(timeout=30)
+        assert caller.returncode == -signal.SIGKILL
+        assert gone(keeper, 10)
+        assert f"{caller.pid} (python" in mount.log()
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(timeout=30)

@@ -31,7 +31,10 @@ def run_cli(
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
+    # Not realpath(path): its lstat of the mountpoint asks the mounted filesystem, and a
+    # crashed daemon's held connection would make that wait.
+    parent, name = os.path.split(os.path.abspath(path))
+    target = os.path.join(os.path.realpath(parent), name)
     with open("/proc/self/mountinfo") as mounts:
         return any(line.split()[4] == target for line in mounts)
 

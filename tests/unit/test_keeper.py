@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from mailfs.fs.session.keeper import (
+    FUSE_IN_HEADER,
     being_killed,
-    fdinfo_mount_id,
+    cached_device,
     maps_device,
     mount_identity,
+    requester,
     under,
 )
 
@@ -31,9 +35,21 @@ def test_a_mountpoint_with_a_space_is_found_escaped() -> None:
     assert mount_identity(MOUNTINFO, "/srv/other") is None
 
 
-def test_fdinfo_names_the_mount_of_an_open_file() -> None:
-    assert fdinfo_mount_id("pos:\t0\nflags:\t02100002\nmnt_id:\t97\nino:\t12\n") == 97
-    assert fdinfo_mount_id("pos:\t0\nflags:\t02\n") is None
+def test_a_request_names_the_process_waiting_for_it() -> None:
+    def request(opcode: int, pid: int) -> bytes:
+        return FUSE_IN_HEADER.pack(FUSE_IN_HEADER.size, opcode, 7, 1, 0, 0, pid, 0, 0)
+
+    assert requester(request(1, 4321)) == 4321  # LOOKUP
+    assert requester(request(2, 4321)) is None  # FORGET: nobody waits
+    assert requester(request(36, 4321)) is None  # INTERRUPT
+    assert requester(request(15, 0)) is None  # from the kernel itself
+    assert requester(b"short") is None
+
+
+def test_the_cached_device_of_a_proc_link_is_the_files_device() -> None:
+    here = os.stat("/proc/self/cwd")
+    assert cached_device("/proc/self/cwd") == (os.major(here.st_dev), os.minor(here.st_dev))
+    assert cached_device("/proc/self/no-such-link") is None
 
 
 def test_a_mapping_counts_only_on_the_mounts_device() -> None:
@@ -53,6 +69,9 @@ def test_a_process_with_sigkill_pending_or_exiting_is_being_killed() -> None:
     assert being_killed(running.replace("SigPnd:\t0000000000000000",
                                         "SigPnd:\t0000000000000100"))
     assert being_killed("State:\tZ (zombie)\nSigPnd:\t0\nShdPnd:\t0\n")
+    stat = "123 (imap) D 1 123 123 0 -1 {flags} 0 0 0 0"
+    assert not being_killed(running, stat.format(flags=0x400100))
+    assert being_killed(running, stat.format(flags=0x400104))  # PF_EXITING
 
 
 def test_paths_under_a_mountpoint() -> None:

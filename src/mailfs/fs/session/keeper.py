@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,12 +51,12 @@ SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 POLL_SECONDS = 0.2
 
 
-# -- reading /proc (pure parsing, no I/O) ------------------------------------------------
+# -- reading /proc and the FUSE device (pure parsing, no I/O) ------------------------------
 
 
 @dataclass(frozen=True)
 class MountIdentity:
-    """How /proc names one mount: its id (fdinfo's mnt_id) and device (maps' dev)."""
+    """One mount: its id and its device (what maps, statx and mountinfo show)."""
 
     mount_id: int
     major: int
@@ -81,29 +84,42 @@ def mount_identity(mountinfo: str, mountpoint: str) -> MountIdentity | None:
     return found
 
 
-def fdinfo_mount_id(fdinfo: str) -> int | None:
-    for line in fdinfo.splitlines():
-        if line.startswith("mnt_id:"):
-            return int(line.split()[1])
-    return None
-
-
 def maps_device(maps: str, device: str) -> bool:
     """Whether any mapping in a /proc/PID/maps text is of a file on `device`."""
     return any(len(fields) > 5 and fields[3] == device
                for fields in (line.split() for line in maps.splitlines()))
 
 
-def being_killed(status: str) -> bool:
-    """A /proc/PID/status text of a process with SIGKILL pending, or one already exiting:
-    it runs no more code of its own once its current call returns."""
+PF_EXITING = 0x4
+
+
+def being_killed(status: str, stat: str = "") -> bool:
+    """A process with SIGKILL pending, or one already exiting (/proc/PID/status and
+    /proc/PID/stat texts): it runs no more code of its own once its current call returns."""
     for line in status.splitlines():
         key, _, value = line.partition(":")
         if key in ("SigPnd", "ShdPnd") and int(value.strip(), 16) & SIGKILL_BIT:
             return True
         if key == "State" and value.split()[:1] in (["Z"], ["X"]):
             return True
-    return False
+    fields = stat.rpartition(")")[2].split()
+    return len(fields) > 6 and bool(int(fields[6]) & PF_EXITING)
+
+
+# fuse_in_header (linux/fuse.h): len, opcode, unique, nodeid, uid, gid, pid, extlen, pad.
+FUSE_IN_HEADER = struct.Struct("<IIQQIIIHH")
+# Requests without a caller waiting for an answer.
+FUSE_FORGET, FUSE_INTERRUPT, FUSE_BATCH_FORGET = 2, 36, 42
+
+
+def requester(request: bytes) -> int | None:
+    """The pid of the process waiting for a FUSE request, if one is."""
+    if len(request) < FUSE_IN_HEADER.size:
+        return None
+    _, opcode, _, _, _, _, pid, _, _ = FUSE_IN_HEADER.unpack_from(request)
+    if opcode in (FUSE_FORGET, FUSE_INTERRUPT, FUSE_BATCH_FORGET) or pid <= 0:
+        return None
+    return int(pid)
 
 
 def under(path: str, mountpoint: str) -> bool:
@@ -118,22 +134,79 @@ def _read(path: str) -> str:
         return handle.read()
 
 
-def uses_mount(pid: int, mount: MountIdentity, mountpoint: str) -> bool:
-    """Whether process `pid` has a file of the mount open or mapped, or a directory of it
-    as cwd or root. Reads only /proc: a stat through the held mount would wait forever."""
-    base = f"/proc/{pid}"
-    with contextlib.suppress(OSError):
+class Users:
+    """Finds the processes that use one mount, through /proc only: a stat through the held
+    mount would wait as long as the hold."""
+
+    def __init__(self, mount: MountIdentity, fuse_fd: int) -> None:
+        self.mount = mount
+        self.fuse_fd = fuse_fd
+        self.waiting: set[int] = set()  # callers of requests read off the connection
+        self._buffer = bytearray(REQUEST_BUFFER)
+
+    def connection_alive(self) -> bool:
+        """False once the kernel ended the connection (unmounted, aborted): then the
+        mount's device number may already name a newer mount, whose users are not ours."""
+        poller = select.poll()
+        poller.register(self.fuse_fd, select.POLLIN)
+        return not any(events & (select.POLLERR | select.POLLHUP)
+                       for _, events in poller.poll(0))
+
+    def take_waiting_requests(self) -> None:
+        """Reads the requests nobody served, for their callers' pids: a process waiting in
+        a path call (open, stat) has no file of the mount to be found by. They are never
+        answered; the end of the connection fails them."""
+        while True:
+            try:
+                size = os.readv(self.fuse_fd, [self._buffer])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ENODEV: the connection ended
+                return
+            pid = requester(bytes(self._buffer[:FUSE_IN_HEADER.size])) if size else None
+            if pid is not None and pid != os.getpid():
+                self.waiting.add(pid)
+
+    def uses(self, pid: int) -> bool:
+        """Whether `pid` has a file of the mount open or mapped, or a directory of it as
+        cwd or root. By device, not by mount id: in another mount namespace (systemd's
+        PrivateTmp= for Dovecot) or after a lazy unmount the mount has other ids."""
+        base = f"/proc/{pid}"
+        device = (self.mount.major, self.mount.minor)
         for link in ("cwd", "root"):
-            if under(os.readlink(f"{base}/{link}"), mountpoint):
+            if cached_device(f"{base}/{link}") == device:
                 return True
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"{base}/fdinfo"):
-            with contextlib.suppress(OSError, ValueError):
-                if fdinfo_mount_id(_read(f"{base}/fdinfo/{fd}")) == mount.mount_id:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"{base}/fd"):
+                if cached_device(f"{base}/fd/{fd}") == device:
                     return True
-    with contextlib.suppress(OSError):
-        return maps_device(_read(f"{base}/maps"), mount.maps_device)
-    return False
+        with contextlib.suppress(OSError):
+            return maps_device(_read(f"{base}/maps"), self.mount.maps_device)
+        return False
+
+    def find(self) -> list[int]:
+        """The users that are not already dying."""
+        self.take_waiting_requests()
+        found = {pid for pid in processes() if self.uses(pid)}
+        return still_running(found | self.waiting)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+AT_STATX_DONT_SYNC = 0x4000
+STATX_SIZE = 256
+STATX_DEVICE_OFFSET = 136  # stx_dev_major, stx_dev_minor (linux/stat.h)
+
+
+def cached_device(path: str) -> tuple[int, int] | None:
+    """The device of what `path` (a /proc magic link) points at, from the kernel's cached
+    attributes: AT_STATX_DONT_SYNC sends the filesystem no request, so a file of the held
+    mount answers too. None if there is nothing there."""
+    buffer = ctypes.create_string_buffer(STATX_SIZE)
+    if _libc.statx(AT_FDCWD, os.fsencode(path), AT_STATX_DONT_SYNC, 0, buffer) != 0:
+        return None
+    major, minor = struct.unpack_from("<II", buffer, STATX_DEVICE_OFFSET)
+    return int(major), int(minor)
 
 
 def processes() -> Iterator[int]:
@@ -143,16 +216,12 @@ def processes() -> Iterator[int]:
             yield int(entry)
 
 
-def users(mount: MountIdentity, mountpoint: str) -> list[int]:
-    return [pid for pid in processes() if uses_mount(pid, mount, mountpoint)]
-
-
 def still_running(pids: Iterable[int]) -> list[int]:
     """Those of `pids` that are not already dying."""
     running = []
-    for pid in pids:
+    for pid in sorted(pids):
         try:
-            if not being_killed(_read(f"/proc/{pid}/status")):
+            if not being_killed(_read(f"/proc/{pid}/status"), _read(f"/proc/{pid}/stat")):
                 running.append(pid)
         except OSError:
             continue
@@ -168,12 +237,25 @@ def command_of(pid: int) -> str:
 
 # -- the keeper process ------------------------------------------------------------------
 
+# What /proc/PID/comm says of a keeper: `mailfs umount` finds a holding one by this alone
+# (reading other processes' cmdline takes their mm lock, which a fault on the held mount
+# can keep).
+WATCHING, HOLDING = "mailfs-keeper", "mailfs-holding"
+# Large enough for any request (header, write header, max_write): a shorter read fails it.
+REQUEST_BUFFER = (4 << 20) + 4096
+
+
+def set_name(name: str) -> None:
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name)
+
 
 def say(level: str, message: str) -> None:
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-    print(f"{stamp},{int(now % 1 * 1000):03d} {level} mailfs.keeper: {message}",
-          file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError, ValueError):  # a closed stderr must not end the hold
+        print(f"{stamp},{int(now % 1 * 1000):03d} {level} mailfs.keeper: {message}",
+              file=sys.stderr, flush=True)
 
 
 def wait_for_daemon(watch_fd: int) -> bool:
@@ -192,30 +274,60 @@ def wait_for_daemon(watch_fd: int) -> bool:
 class EndRequest:
     """SIGUSR1 ends the hold early (`mailfs umount` of the dead mount)."""
 
-    asked = False
+    asked = threading.Event()
 
     @classmethod
     def handle(cls, _signum: int, _frame: object) -> None:
-        cls.asked = True
+        cls.asked.set()
 
 
-def hold(mount: MountIdentity, mountpoint: str, seconds: float, fence: bool) -> None:
+class Scanner(threading.Thread):
+    """Looks for the mount's users over and over. On a thread: a /proc read can wait on a
+    process's mm lock, held by its fault on the held mount, and the hold must still end
+    on time."""
+
+    def __init__(self, users: Users) -> None:
+        super().__init__(daemon=True)
+        self.users = users
+        self.latest: list[int] | None = None
+        self.connection_ended = False
+        self.changed = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            if not self.users.connection_alive():
+                self.connection_ended = True
+                self.changed.set()
+                return
+            self.latest = self.users.find()
+            self.changed.set()
+            time.sleep(POLL_SECONDS)
+
+
+def hold(users: Users, mountpoint: str, seconds: float, fence: bool) -> None:
     say("WARNING", f"the mailfs daemon of {mountpoint} died; holding its FUSE connection "
                    f"for up to {seconds:g} s, so that processes on it wait instead of "
                    f"failing until they are stopped")
-    began = time.monotonic()
-    while True:
-        left = still_running(users(mount, mountpoint))
-        if not left:
+    deadline = time.monotonic() + seconds
+    scanner = Scanner(users)
+    scanner.start()
+    while not EndRequest.asked.is_set() and time.monotonic() < deadline:
+        if not scanner.changed.wait(min(POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+            continue
+        scanner.changed.clear()
+        if scanner.connection_ended:
+            say("WARNING", f"the FUSE connection of {mountpoint} has ended; nothing to hold")
+            return
+        if scanner.latest == []:
             say("WARNING", f"no process uses {mountpoint} any more; releasing its FUSE "
                            f"connection")
             return
-        if EndRequest.asked or time.monotonic() - began >= seconds:
-            break
-        time.sleep(POLL_SECONDS)
-    why = "when told to unmount" if EndRequest.asked else f"after {seconds:g} s"
+    left = scanner.latest or []
+    why = "when told to unmount" if EndRequest.asked.is_set() else f"after {seconds:g} s"
     named = ", ".join(f"{pid} ({command_of(pid)})" for pid in left[:20])
-    if fence:
+    if not left:
+        say("WARNING", f"releasing the FUSE connection of {mountpoint} {why}")
+    elif fence:
         for pid in left:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -235,6 +347,7 @@ def keeper_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hold", type=float, required=True)
     parser.add_argument("--fence", action="store_true")
     args = parser.parse_args(argv)
+    set_name(WATCHING)
     # systemd's stop and a terminal's ^C reach the whole group: only the daemon's end of
     # the pipe, the hold's end or SIGKILL end the keeper.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -246,9 +359,12 @@ def keeper_main(argv: Sequence[str] | None = None) -> int:
         return 0
     if wait_for_daemon(args.watch_fd):
         return 0
-    hold(mount, args.mountpoint, args.hold, args.fence)
-    os.close(args.fuse_fd)
-    return 0
+    set_name(HOLDING)
+    os.set_blocking(args.fuse_fd, False)
+    hold(Users(mount, args.fuse_fd), args.mountpoint, args.hold, args.fence)
+    # Not a return: the scanner thread may be stuck in a /proc read. Exiting closes the
+    # connection's last descriptor, and the kernel ends it.
+    os._exit(0)
 
 
 # -- the daemon's side -------------------------------------------------------------------
@@ -321,47 +437,86 @@ class Keeper:
             self.process.wait()
 
 
-def is_keeper(pid: int, mountpoint: str | None = None) -> bool:
-    """Whether `pid` is a keeper process (of `mountpoint`, if given)."""
+def is_keeper(pid: int, mountpoint: str | None = None, names: Sequence[str] = (WATCHING, HOLDING)
+              ) -> bool:
+    """Whether `pid` is a keeper process (of `mountpoint`, if given) whose name is one of
+    `names`. The name comes first: it takes no lock of the other process."""
+    if command_of(pid) not in names:
+        return False
     try:
         command = _read(f"/proc/{pid}/cmdline").split("\0")
     except OSError:
         return False
     if not any(part.endswith("keeper.py") for part in command[:3]):
         return False
-    if mountpoint is None:
-        return True
+    return mountpoint is None or argument(command, "--mountpoint") == mountpoint
+
+
+def argument(command: Sequence[str], option: str) -> str | None:
     with contextlib.suppress(ValueError, IndexError):
-        return command[command.index("--mountpoint") + 1] == mountpoint
-    return False
+        return command[list(command).index(option) + 1]
+    return None
 
 
-def end_holds(mountpoint: str, timeout: float = 10.0) -> list[int]:
-    """Ends the hold of every keeper of `mountpoint` now (with its fence) and waits for
-    them to let go; returns their pids."""
+def hold_seconds(pid: int) -> float | None:
+    """The --hold a keeper was started with."""
+    try:
+        value = argument(_read(f"/proc/{pid}/cmdline").split("\0"), "--hold")
+        return float(value) if value is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def end_holds(mountpoint: str) -> list[int]:
+    """Ends the hold of every keeper still holding the crashed `mountpoint` now (with its
+    fence) and waits for them to let go; returns their pids. A keeper whose daemon lives
+    is left alone."""
     ended = []
     for pid in processes():
-        if is_keeper(pid, mountpoint):
+        if is_keeper(pid, mountpoint, (HOLDING,)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
                 ended.append(pid)
     for pid in ended:
-        wait_gone(pid, timeout)
+        if not wait_gone(pid, END_WAIT):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     return ended
 
 
-def wait_gone(pid: int, timeout: float) -> None:
-    """Until `pid` exits, up to `timeout` s; then SIGKILL it."""
+def wait_for_keeper(pid: int, timeout: float) -> None:
+    """Until a crashed daemon's keeper has let go, up to `timeout` s; then it is told to end
+    its hold (its fence still runs), and only if that does not end it, killed."""
+    if wait_gone(pid, timeout):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)
+    if not wait_gone(pid, END_WAIT):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid, END_WAIT)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Until `pid` has exited, up to `timeout` s: whether it has."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return True
+    except OSError:  # no pidfd_open (before Linux 5.3): look now and then
+        started, deadline = start_time(pid), time.monotonic() + timeout
+        while (started is not None and start_time(pid) == started
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        return started is None or start_time(pid) != started
     try:
-        if not select.select([pidfd], [], [], timeout)[0]:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return bool(select.select([pidfd], [], [], timeout)[0])
     finally:
         os.close(pidfd)
+
+
+# How long a keeper told to end its hold may take (its fence, its last scan).
+END_WAIT = 10.0
 
 
 def previous_keeper(state_dir: Path) -> int | None:
