@@ -77,7 +77,8 @@ def test_kill9_loses_nothing_written(make_mount: MakeMount, dirs: Dirs) -> None:
 
 
 def test_kill9_mid_stream_keeps_every_completed_write(make_mount: MakeMount, dirs: Dirs) -> None:
-    mount = make_mount()
+    # The crash hold makes the writer wait, then kills it (its fence): a short hold.
+    mount = make_mount(("-o", "crash_hold=2"))
     ledger = dirs.state.parent / "ledger"
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os
@@ -101,6 +102,7 @@ def test_kill9_mid_stream_keeps_every_completed_write(make_mount: MakeMount, dir
             time.sleep(0.05)
         mount.kill()
         writer.wait(timeout=30)
+        assert writer.returncode == -signal.SIGKILL, "the writer ran on after the crash"
     finally:
         if writer.poll() is None:
             writer.send_signal(signal.SIGKILL)
