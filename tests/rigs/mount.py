@@ -7,13 +7,14 @@ the same command line an admin would type.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from mailfs.mounts import mount_type, real_mountpoint
 
 MOUNT_TIMEOUT = 30.0
 
@@ -31,12 +32,9 @@ def run_cli(
 
 
 def is_mounted(path: Path) -> bool:
-    # Not realpath(path): its lstat of the mountpoint asks the mounted filesystem, and a
-    # crashed daemon's held connection would make that wait.
-    parent, name = os.path.split(os.path.abspath(path))
-    target = os.path.join(os.path.realpath(parent), name)
-    with open("/proc/self/mountinfo") as mounts:
-        return any(line.split()[4] == target for line in mounts)
+    # real_mountpoint, not realpath: its lstat of the mountpoint would ask the mounted
+    # filesystem, and a crashed daemon's held connection would make that wait.
+    return mount_type(Path(real_mountpoint(path))) is not None
 
 
 def force_unmount(path: Path) -> None:

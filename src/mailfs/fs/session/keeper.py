@@ -56,9 +56,8 @@ POLL_SECONDS = 0.2
 
 @dataclass(frozen=True)
 class MountIdentity:
-    """One mount: its id and its device (what maps, statx and mountinfo show)."""
+    """One mount's device (what maps, statx and mountinfo show)."""
 
-    mount_id: int
     major: int
     minor: int
 
@@ -80,7 +79,7 @@ def mount_identity(mountinfo: str, mountpoint: str) -> MountIdentity | None:
         fields = line.split()
         if len(fields) > 4 and fields[4] == target:
             major, _, minor = fields[2].partition(":")
-            found = MountIdentity(int(fields[0]), int(major), int(minor))
+            found = MountIdentity(int(major), int(minor))
     return found
 
 
@@ -120,10 +119,6 @@ def requester(request: bytes) -> int | None:
     if opcode in (FUSE_FORGET, FUSE_INTERRUPT, FUSE_BATCH_FORGET) or pid <= 0:
         return None
     return int(pid)
-
-
-def under(path: str, mountpoint: str) -> bool:
-    return path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
 
 
 # -- the processes using a mount ---------------------------------------------------------
