@@ -33,7 +33,7 @@ from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
 from mailfs.fs.indexonly import IndexOnlyFS
 from mailfs.fs.operations import ERROR_REPLIES, REQUESTS, Operations
-from mailfs.fs.session import keeper
+from mailfs.fs.session import dispatch, keeper
 from mailfs.replication.identity import node_namespace
 from mailfs.replication.replicator import Replicator
 from mailfs.replication.service import Replication
@@ -98,6 +98,7 @@ class Daemon:
         self.config = config
         self.started = time.time()
         self.keeper: keeper.Keeper | None = None
+        self.fast_waits = False  # dispatch.install() done: pyfuse3 waits for requests our way
         self._token: trio.lowlevel.TrioToken | None = None
         self.store = MetaStore(
             config.state_dir, config.ram_budget, config.lmdb_map_size,
@@ -215,6 +216,7 @@ class Daemon:
             "invalidations": self.fs.invalidator.sent,
             "passthrough_invalidations": self.fs.passthrough_invalidator.sent,
             "fuse_session": session.status(),
+            "request_waits": {"fast": self.fast_waits, **dispatch.waits.status()},
             "crash_hold": {"seconds": self.config.crash_hold, "fence": self.config.crash_fence,
                            "keeper_pid": self.keeper.pid if self.keeper else None},
             **({"replication": self.replication.replicator.status()}
@@ -342,6 +344,7 @@ class Daemon:
             report_ready(ready_fd, "ok")
             log.info("mailfs %s mounted %s %s", __version__, self.config.mountpoint,
                      "index-only" if self.index_only else f"over {self.config.backing}")
+            self.fast_waits = dispatch.install()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         with trio.CancelScope(shield=True):

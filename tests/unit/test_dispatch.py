@@ -1,0 +1,102 @@
+"""The request loop's cheaper wait: when it may skip trio's scheduler, and when it must not."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from mailfs.fs.session import dispatch
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    for fd in (read_end, write_end):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_a_waiting_request_is_taken_at_once_but_not_forever(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    waits = dispatch.FastWaits()
+    assert not waits.ready_now(read_end)  # nothing queued: the real wait
+    os.write(write_end, b"x")
+    taken = [waits.ready_now(read_end) for _ in range(dispatch.STREAK + 1)]
+    # The streak ends with one real wait, which lets trio's other tasks run.
+    assert taken == [True] * dispatch.STREAK + [False]
+    assert waits.ready_now(read_end)
+
+
+def test_a_hung_up_or_closed_fd_takes_the_real_wait(pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    waits = dispatch.FastWaits()
+    os.write(write_end, b"x")
+    os.close(write_end)  # readable and hung up: pyfuse3 must hear of it the usual way
+    assert not waits.ready_now(read_end)
+    os.close(read_end)
+    assert not waits.ready_now(read_end)
+
+
+async def test_the_wait_returns_without_yielding_only_when_a_request_is_waiting(
+        pipe: tuple[int, int]) -> None:
+    read_end, write_end = pipe
+    before = dispatch.waits.status()
+    other_ran = False
+
+    async def other() -> None:
+        nonlocal other_ran
+        other_ran = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        os.write(write_end, b"x")
+        await dispatch.wait_readable(read_end)
+        assert not other_ran  # no scheduler pass
+        os.read(read_end, 1)
+        with trio.move_on_after(0.05):
+            await dispatch.wait_readable(read_end)  # nothing there: it parks
+        assert other_ran
+    after = dispatch.waits.status()
+    assert after["immediate"] == before["immediate"] + 1
+    assert after["waited"] == before["waited"] + 1
+
+
+async def test_the_read_lock_excludes_like_trio_lock() -> None:
+    lock = dispatch.ReadLock()
+    order: list[str] = []
+
+    async def holder(name: str, hold: float) -> None:
+        async with lock:
+            order.append(f"{name} in")
+            await trio.sleep(hold)
+            order.append(f"{name} out")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder, "a", 0.05)
+        await trio.sleep(0.01)
+        nursery.start_soon(holder, "b", 0)
+        nursery.start_soon(holder, "c", 0)
+    assert order == ["a in", "a out", "b in", "b out", "c in", "c out"]
+
+
+def test_pyfuse3_takes_the_stand_in() -> None:
+    import pyfuse3
+
+    try:
+        assert dispatch.install()
+        stand_in = pyfuse3.trio  # type: ignore[attr-defined]
+        assert stand_in.lowlevel.wait_readable is dispatch.wait_readable
+        assert stand_in.Lock is dispatch.ReadLock
+        # Everything else pyfuse3 uses is trio's own.
+        assert stand_in.open_nursery is trio.open_nursery
+        assert stand_in.lowlevel.current_task is trio.lowlevel.current_task
+        assert stand_in.ClosedResourceError is trio.ClosedResourceError
+        assert not dispatch.install()  # twice is harmless
+    finally:
+        pyfuse3.trio = trio  # type: ignore[attr-defined]
