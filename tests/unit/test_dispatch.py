@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -16,10 +17,8 @@ def pipe() -> Iterator[tuple[int, int]]:
     read_end, write_end = os.pipe()
     yield read_end, write_end
     for fd in (read_end, write_end):
-        try:
+        with contextlib.suppress(OSError):  # the test closed it already
             os.close(fd)
-        except OSError:
-            pass
 
 
 def test_a_waiting_request_is_taken_at_once_but_not_forever(pipe: tuple[int, int]) -> None:
