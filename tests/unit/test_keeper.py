@@ -71,3 +71,26 @@ def test_a_process_with_sigkill_pending_or_exiting_is_being_killed() -> None:
     stat = "123 (imap) D 1 123 123 0 -1 {flags} 0 0 0 0"
     assert not being_killed(running, stat.format(flags=0x400100))
     assert being_killed(running, stat.format(flags=0x400104))  # PF_EXITING
+
+
+def test_the_fence_kills_the_process_the_scan_found_and_no_later_one() -> None:
+    import subprocess
+
+    from mailfs.fs.session.keeper import fence_processes, start_time
+
+    found = subprocess.Popen(["sleep", "60"])
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        found_started = start_time(found.pid)
+        assert found_started is not None
+        # The stranger stands for a process that got the pid of one the scan found after
+        # that one exited: its start time is not the one the scan saw.
+        killed = fence_processes({found.pid: found_started, stranger.pid: "1",
+                                  2**22 + 7: "1"})  # and a pid that is gone
+        assert killed == [found.pid]
+        assert found.wait(timeout=10) == -9
+        assert stranger.poll() is None
+    finally:
+        for process in (found, stranger):
+            process.kill()
+            process.wait()

@@ -284,7 +284,10 @@ class Scanner(threading.Thread):
     def __init__(self, users: Users) -> None:
         super().__init__(daemon=True)
         self.users = users
-        self.latest: list[int] | None = None
+        # The users the last scan found, each with the time it started: the fence must
+        # reach these processes, not later ones that got a pid of theirs after they exited.
+        # One dict, replaced whole, so that the main thread never sees half a scan.
+        self.found: dict[int, str | None] | None = None
         self.connection_ended = False
         self.changed = threading.Event()
 
@@ -294,7 +297,7 @@ class Scanner(threading.Thread):
                 self.connection_ended = True
                 self.changed.set()
                 return
-            self.latest = self.users.find()
+            self.found = {pid: start_time(pid) for pid in self.users.find()}
             self.changed.set()
             time.sleep(POLL_SECONDS)
 
@@ -313,25 +316,47 @@ def hold(users: Users, mountpoint: str, seconds: float, fence: bool) -> None:
         if scanner.connection_ended:
             say("WARNING", f"the FUSE connection of {mountpoint} has ended; nothing to hold")
             return
-        if scanner.latest == []:
+        if scanner.found == {}:
             say("WARNING", f"no process uses {mountpoint} any more; releasing its FUSE "
                            f"connection")
             return
-    left = scanner.latest or []
+    found = scanner.found or {}
+    left = list(found)
     why = "when told to unmount" if EndRequest.asked.is_set() else f"after {seconds:g} s"
     named = ", ".join(f"{pid} ({command_of(pid)})" for pid in left[:20])
     if not left:
         say("WARNING", f"releasing the FUSE connection of {mountpoint} {why}")
     elif fence:
-        for pid in left:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        say("WARNING", f"{len(left)} processes still used {mountpoint} {why}; killed them, "
-                       f"as a crash of their machine would (they hold index state the next "
-                       f"mount does not know): {named}")
+        killed = fence_processes(found)
+        say("WARNING", f"{len(left)} processes still used {mountpoint} {why}; killed them "
+                       f"({len(left) - len(killed)} had exited meanwhile), as a crash of "
+                       f"their machine would (they hold index state the next mount does "
+                       f"not know): {named}")
     else:
         say("WARNING", f"{len(left)} processes still use {mountpoint} {why}; releasing its "
                        f"FUSE connection, they get ENOTCONN: {named}")
+
+
+def fence_processes(started: dict[int, str | None]) -> list[int]:
+    """SIGKILL each process through a pidfd, if it is still the one that started at the
+    given time: a pid whose process exited after the scan may be another's by now. The
+    pidfd is opened before the start time is read, so a pid reused after that check names
+    a process the pidfd does not refer to, and the signal fails instead of hitting it."""
+    killed = []
+    for pid, when in started.items():
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone already
+        try:
+            if when is not None and start_time(pid) == when:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed.append(pid)
+        except OSError:
+            pass  # exited meanwhile
+        finally:
+            os.close(pidfd)
+    return killed
 
 
 def keeper_main(argv: Sequence[str] | None = None) -> int:
