@@ -86,8 +86,9 @@ async def test_the_read_lock_excludes_like_trio_lock() -> None:
     holds = [(order[i], order[i + 1]) for i in range(0, len(order), 2)]
     assert all(came.split()[0] == went.split()[0] and came.endswith(" in")
                and went.endswith(" out") for came, went in holds), order
-    assert [came.split()[0] for came, _ in holds][0] == "a"
-    assert sorted(came.split()[0] for came, _ in holds) == ["a", "b", "c"]
+    holders = [came.split()[0] for came, _ in holds]
+    assert holders[0] == "a"
+    assert sorted(holders) == ["a", "b", "c"]
 
 
 def test_pyfuse3_takes_the_stand_in() -> None:
