@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from mailfs.fs.session import dispatch
 
@@ -89,6 +90,67 @@ async def test_the_read_lock_excludes_like_trio_lock() -> None:
     holders = [came.split()[0] for came, _ in holds]
     assert holders[0] == "a"
     assert sorted(holders) == ["a", "b", "c"]
+
+
+async def test_the_reader_that_releases_may_take_the_lock_straight_back() -> None:
+    # The shape of pyfuse3's loop under load: a spare reader parks on the lock while the
+    # busy one waits for the fd; the busy one must then go on reading without a switch.
+    lock = dispatch.ReadLock()
+    spare_got_it = trio.Event()
+    switches = 0
+
+    async def spare() -> None:
+        async with lock:
+            spare_got_it.set()
+
+    async def count_switches() -> None:
+        nonlocal switches
+        while True:
+            await trio.lowlevel.checkpoint()
+            switches += 1
+
+    async with trio.open_nursery() as nursery:
+        await lock.__aenter__()
+        nursery.start_soon(spare)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not spare_got_it.is_set()
+        nursery.start_soon(count_switches)
+        before = switches
+        for _ in range(dispatch.STREAK):  # release and take again, as each request does
+            await lock.__aexit__(None, None, None)
+            await lock.__aenter__()
+        assert switches == before  # nobody else ran: no trip through the scheduler
+        assert not spare_got_it.is_set()  # woken, it found the lock taken and parked again
+        await lock.__aexit__(None, None, None)
+        with trio.fail_after(5):
+            await spare_got_it.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_cancelled_while_parked_leaves_the_lock_to_the_others() -> None:
+    lock = dispatch.ReadLock()
+    got_it: list[str] = []
+
+    async def reader(name: str, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            async with lock:
+                got_it.append(name)
+
+    async with trio.open_nursery() as nursery:
+        await lock.__aenter__()
+        first = await nursery.start(reader, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(reader, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        first.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        await lock.__aexit__(None, None, None)
+        with trio.fail_after(5):
+            while not got_it:
+                await trio.sleep(0.01)
+    assert got_it == ["second"]
+    assert not lock.locked()
 
 
 def test_pyfuse3_takes_the_stand_in() -> None:
