@@ -36,6 +36,8 @@ class Exerciser:
     seed: int
     max_size: int = 192 * 1024
     max_io: int = 24 * 1024
+    # Also O_DIRECT reads and writes (fsx -Z) from a second descriptor, mixed with the rest.
+    direct: bool = True
     done: int = 0
     model: bytearray = field(default_factory=bytearray)
     history: deque[str] = field(default_factory=lambda: deque(maxlen=12))
@@ -48,6 +50,8 @@ class Exerciser:
             (10, self.truncate), (6, self.append), (5, self.copy_range), (5, self.reopen),
             (3, self.fsync),
         ]
+        if self.direct:
+            self.operations += [(5, self.direct_write), (5, self.direct_read)]
 
     def close(self) -> None:
         os.close(self.fd)
@@ -195,6 +199,46 @@ class Exerciser:
         self._extend_to(target + copied)
         self.model[target:target + copied] = chunk
         return f"copy_file_range {source}+{length} -> {target} ({copied} copied)"
+
+    def _direct_range(self, limit: int) -> tuple[int, int]:
+        pages = max(limit // PAGE, 1)
+        offset = self.rng.randrange(0, pages) * PAGE
+        length = self.rng.randrange(1, 5) * PAGE
+        return offset, min(length, (self.max_size // PAGE) * PAGE - offset)
+
+    def direct_write(self) -> str:
+        offset, length = self._direct_range(self.max_size - 4 * PAGE)
+        data = self._data(length)
+        direct = os.open(self.path, os.O_RDWR | os.O_DIRECT)
+        try:
+            with mmap.mmap(-1, length) as aligned:  # O_DIRECT wants page-aligned memory
+                aligned[:] = data
+                written = os.pwritev(direct, [aligned], offset)
+        finally:
+            os.close(direct)
+        if written != length:
+            raise self.fail(f"O_DIRECT write of {length} at {offset} wrote {written}")
+        self._extend_to(offset + length)
+        self.model[offset:offset + length] = data
+        return f"direct write {offset}+{length}"
+
+    def direct_read(self) -> str:
+        if not self.model:
+            return "direct read skipped (empty)"
+        offset, length = self._direct_range(len(self.model))
+        direct = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with mmap.mmap(-1, length) as aligned:
+                count = os.preadv(direct, [aligned], offset)
+                got = aligned[:count]
+        finally:
+            os.close(direct)
+        expected = max(0, min(length, len(self.model) - offset))
+        if count != expected:
+            raise self.fail(f"O_DIRECT read {offset}+{length} returned {count} bytes, "
+                            f"expected {expected}")
+        self.compare(got, offset, "O_DIRECT read")
+        return f"direct read {offset}+{length}"
 
     def reopen(self) -> str:
         os.close(self.fd)

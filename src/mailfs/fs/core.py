@@ -55,7 +55,10 @@ STALE_TIMEOUT = 1.0
 IMPORT_LIMIT = 1 << 30
 # O_TRUNC is not stripped: libfuse negotiates atomic O_TRUNC, so the kernel sends no
 # setattr for it, drops its own pages and size, and expects open() to truncate.
-OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
+# O_DIRECT is the kernel's to honour: it sends the caller's I/O straight to us, past its
+# page cache. Passed on to the backing file, it would make the store refuse our own
+# buffers, which are not page-aligned (EINVAL on every read and write).
+OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT
 DEVICE_NUMBER = struct.Struct("<Q")
 NAME_MAX = 255  # ext4's, and what peers accept in a record
 # Missing passthrough names remembered for `mailfs flush --caches` (about 100 bytes each).
@@ -791,7 +794,7 @@ class MailFS:
                                   caller: Caller
                                   ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self.backing.path(self.table.child_path(parent, name))
-        open_flags = (flags & ~(os.O_APPEND | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL
+        open_flags = (flags & ~OPEN_STRIP) | os.O_CREAT | os.O_EXCL
         with self._listing_change(parent):
             fd, st, parent_st = await self.backing.run_undoable(
                 _close_opened, _create_owned, path, open_flags, mode & 0o7777 & ~caller.umask,
