@@ -37,10 +37,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TOP = 30
 
 
-def process_cpu_seconds(pid: int) -> float:
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / 100.0
+    return int(fields[11]) / 100.0, int(fields[12]) / 100.0  # utime, stime
+
+
+def perf_report(perf: str, data: Path) -> list[str]:
+    """perf's shares by binary (kernel, interpreter, libraries) and by symbol, and the
+    call chains into the kernel's top symbols, which say what the kernel time is for."""
+    def report(*options: str) -> list[str]:
+        out = subprocess.run([perf, "report", "-i", str(data), "--stdio", "--no-children",
+                              *options], capture_output=True, text=True, timeout=300).stdout
+        return [line.rstrip() for line in out.splitlines()
+                if line.strip() and not line.startswith("#")]
+    by_symbol = report("--sort", "dso,sym", "-g", "none")
+    return ["daemon CPU by binary (perf):", *report("--sort", "dso", "-g", "none")[:8], "",
+            "daemon CPU by symbol:", *by_symbol[:TOP], "",
+            "call chains into the top kernel symbols (caller-based, 2 % and up):",
+            *report("--sort", "sym", "-g", "caller,2,callee", "--symbol-filter=",
+                    "--percent-limit", "4", "--dsos", "[kernel.kallsyms]")[:80]]
 
 
 def frame_name(frame: str) -> str:
@@ -77,12 +93,22 @@ def main() -> int:
     parser.add_argument("--gil", action="store_true",
                         help="only samples that hold the GIL: Python's own CPU, not the "
                              "time threads spend in system calls or waiting")
+    parser.add_argument("--native", action="store_true",
+                        help="include C frames (pyfuse3's Cython, libfuse, libc); py-spy then "
+                             "pauses the daemon for each sample, so it runs slower")
+    parser.add_argument("--perf", action="store_true",
+                        help="sample with perf instead of py-spy: kernel and C code by "
+                             "symbol, Python only as the interpreter")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists():
+    perf = shutil.which("perf")
+    if args.perf and perf is None:
+        print("perf is not installed (apt-get install linux-perf)", file=sys.stderr)
+        return 2
+    if not args.perf and not Path(spy).exists():
         print("py-spy is not installed (make setup installs it)", file=sys.stderr)
         return 2
     users = {f"p{i}": PASSWORD for i in range(args.clients)}
@@ -96,9 +122,10 @@ def main() -> int:
             pid = side.mount.process.pid
             sock = mailfs_config.control_socket_for(cli.DEFAULT_RUN_DIR, side.mount.mountpoint)
             raw_path = root / "py-spy.txt"
+            perf_data = root / "perf.data"
             sampler: subprocess.Popen[bytes] | None = None
             counters: dict[str, dict[str, int]] = {}
-            cpu: dict[str, float] = {}
+            cpu: dict[str, tuple[float, float]] = {}
 
             def on_start() -> None:
                 nonlocal sampler
@@ -106,9 +133,16 @@ def main() -> int:
                 counters["before"] = before["requests"]
                 counters["getattr_before"] = before["getattr_by_kind"]
                 cpu["before"] = process_cpu_seconds(pid)
+                if perf is not None and args.perf:
+                    sampler = subprocess.Popen(
+                        [perf, "record", "-g", "-F", str(args.rate), "-p", str(pid),
+                         "-o", str(perf_data)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    return
                 sampler = subprocess.Popen(
-                    [spy, "record", "--nonblocking", "--format", "raw", "--rate",
+                    [spy, "record", "--format", "raw", "--rate",
                      str(args.rate), "--output", str(raw_path), "--pid", str(pid),
+                     *(["--native"] if args.native else ["--nonblocking"]),
                      *(["--gil"] if args.gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -118,7 +152,7 @@ def main() -> int:
                 counters["getattr_after"] = after["getattr_by_kind"]
                 cpu["after"] = process_cpu_seconds(pid)
                 if sampler is not None:
-                    sampler.send_signal(signal.SIGINT)  # py-spy writes on SIGINT
+                    sampler.send_signal(signal.SIGINT)  # both write their data on SIGINT
                     sampler.wait(timeout=60)
 
             result = run_load(LoadConfig(
@@ -127,23 +161,37 @@ def main() -> int:
                 on_start=on_start, on_end=on_end)
             time.sleep(0.5)
             raw = raw_path.read_text() if raw_path.exists() else ""
+            perf_lines = perf_report(perf, perf_data) if perf and args.perf else []
         finally:
             side.stop()
     ops = max(result.total_ops, 1)
     requests = sum(counters["after"].values()) - sum(counters["before"].values())
-    daemon_cpu = cpu["after"] - cpu["before"]
+    user = cpu["after"][0] - cpu["before"][0]
+    system = cpu["after"][1] - cpu["before"][1]
+    daemon_cpu = user + system
     total, own, inclusive = summarize(raw)
+    sampled = (["", *perf_lines] if args.perf else [
+        "",
+        f"functions with the most CPU samples of their own (of {total}):",
+        *(f"  {100 * count / max(total, 1):5.1f}%  {name}" for name, count in own),
+        "",
+        "functions on the stack for the most CPU samples (inclusive):",
+        *(f"  {100 * count / max(total, 1):5.1f}%  {name}" for name, count in inclusive),
+    ])
     lines = [
         f"mailfs daemon profile: full overlay over a local directory, {args.format}, "
-        f"{args.clients} clients, {args.seconds:g} s, py-spy at {args.rate}/s"
-        + (", samples holding the GIL only" if args.gil else ""),
+        f"{args.clients} clients, {args.seconds:g} s, "
+        f"{'perf' if args.perf else 'py-spy'} at {args.rate}/s"
+        + (", samples holding the GIL only" if args.gil else "")
+        + (", with C frames" if args.native else ""),
         *(f"  {key}: {value}" for key, value in info.items()),
         "",
-        f"IMAP operations: {result.total_ops} ({result.ops_per_s:.0f}/s with py-spy "
+        f"IMAP operations: {result.total_ops} ({result.ops_per_s:.0f}/s with the sampler "
         f"attached), errors {result.total_errors}",
         f"FUSE requests: {requests} ({requests / ops:.1f} per IMAP operation)",
         f"daemon CPU: {daemon_cpu:.1f} s, {1e6 * daemon_cpu / max(requests, 1):.0f} µs per "
-        f"FUSE request, {1e3 * daemon_cpu / ops:.2f} ms per IMAP operation",
+        f"FUSE request, {1e3 * daemon_cpu / ops:.2f} ms per IMAP operation "
+        f"(user {user:.1f} s, system {system:.1f} s)",
         "",
         "FUSE requests per IMAP operation:",
         *(f"  {name:<20}{value:6.2f}" for name, value in
@@ -152,15 +200,12 @@ def main() -> int:
         "getattr requests per IMAP operation, by kind of file:",
         *(f"  {name:<20}{value:6.2f}" for name, value in
           per_op(counters["getattr_after"], counters["getattr_before"], ops)),
-        "",
-        f"functions with the most CPU samples of their own (of {total}):",
-        *(f"  {100 * count / max(total, 1):5.1f}%  {name}" for name, count in own),
-        "",
-        "functions on the stack for the most CPU samples (inclusive):",
-        *(f"  {100 * count / max(total, 1):5.1f}%  {name}" for name, count in inclusive),
+        *sampled,
     ]
     args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"daemon_profile_{args.format}{'_gil' if args.gil else ''}.txt"
+    out = args.results / (f"daemon_profile_{args.format}{'_gil' if args.gil else ''}"
+                          f"{'_native' if args.native else ''}"
+                          f"{'_perf' if args.perf else ''}.txt")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
