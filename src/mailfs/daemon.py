@@ -351,15 +351,53 @@ class Daemon:
             await self.store.commit()
 
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            # Those that came between mounting and now: the mount was visible already.
+            for signum in early_stop_signals.take():
+                await self._stop_on(signum)
             async for signum in signals:
-                log.info("got signal %d: committing and unmounting", signum)
-                try:
-                    await self.store.commit()
-                except OSError as exc:
-                    log.error("commit before unmounting failed (%s); the journal keeps the "
-                              "changes for the next mount", exc)
-                pyfuse3.terminate()
+                await self._stop_on(signum)
+
+    async def _stop_on(self, signum: int) -> None:
+        log.info("got signal %d: committing and unmounting", signum)
+        try:
+            await self.store.commit()
+        except OSError as exc:
+            log.error("commit before unmounting failed (%s); the journal keeps the "
+                      "changes for the next mount", exc)
+        pyfuse3.terminate()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class EarlyStopSignals:
+    """SIGTERM and SIGINT from mounting until the trio loop watches for them.
+
+    The mount is visible (and systemd may stop the unit) as soon as pyfuse3.init returns,
+    but the signal watcher runs only once the keeper is started and the loop is up. Without
+    a handler, SIGTERM in that window killed the daemon outright: no final commit, and the
+    mount left to the keeper's crash hold. Remembered here, the watcher acts on it first.
+    Installed for the rest of the process: after the loop ends, a signal during the final
+    commit is noted and ignored rather than cutting it short.
+    """
+
+    def __init__(self) -> None:
+        self._signals: list[int] = []
+
+    def install(self) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def take(self) -> list[int]:
+        taken, self._signals = self._signals, []
+        return taken
+
+
+early_stop_signals = EarlyStopSignals()
 
 
 # How much longer than its hold a new mount waits for a crashed daemon's keeper.
@@ -499,6 +537,7 @@ def run(config: Config, ready_fd: int | None = None) -> int:
             close_unmounted(daemon)
             raise
         choose_fuse_capabilities(config)
+        early_stop_signals.install()
         fuse_fds_before = keeper.fuse_device_fds()
         try:
             pyfuse3.init(Operations(daemon.fs), str(config.mountpoint), mount_options(config))

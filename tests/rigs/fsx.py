@@ -3,11 +3,11 @@ model of what its content must be after each of them.
 
 fsx (from xfstests and LTP) is how filesystem data paths are usually shaken out: writes at
 any offset, reads, shared mappings written and read, truncates up and down, appends from a
-second descriptor, in-kernel copies and reopens, each checked byte for byte. Dovecot does
-all of these to its index files (pwrite into dovecot.index.cache, MAP_SHARED reads of
-dovecot.index, O_APPEND to dovecot.index.log, ftruncate on rewrites), and the kernel's page
-cache sits between it and mailfs, so a size or a page that the kernel and the daemon see
-differently shows up here as a wrong byte.
+second descriptor, in-kernel copies, O_DIRECT reads and writes (fsx -Z) and reopens, each
+checked byte for byte. Dovecot does most of these to its index files (pwrite into
+dovecot.index.cache, MAP_SHARED reads of dovecot.index, O_APPEND to dovecot.index.log,
+ftruncate on rewrites), and the kernel's page cache sits between it and mailfs, so a size
+or a page that the kernel and the daemon see differently shows up here as a wrong byte.
 
 The sequence is fixed by the seed; a failure names the seed, the operation number and the
 operations before it.
@@ -111,15 +111,18 @@ class Exerciser:
         length = self.rng.randrange(1, self.max_io + 1)
         return offset, min(length, self.max_size - offset)
 
+    def _wrote(self, how: str, offset: int, data: bytes, written: int) -> str:
+        """Check a write's count and apply it to the model."""
+        if written != len(data):
+            raise self.fail(f"{how} of {len(data)} at {offset} wrote {written}")
+        self._extend_to(offset + len(data))
+        self.model[offset:offset + len(data)] = data
+        return f"{how} {offset}+{len(data)}"
+
     def write(self) -> str:
         offset, length = self._range()
         data = self._data(length)
-        written = os.pwrite(self.fd, data, offset)
-        if written != len(data):
-            raise self.fail(f"pwrite of {len(data)} at {offset} wrote {written}")
-        self._extend_to(offset + length)
-        self.model[offset:offset + length] = data
-        return f"pwrite {offset}+{length}"
+        return self._wrote("pwrite", offset, data, os.pwrite(self.fd, data, offset))
 
     def read(self) -> str:
         if not self.model:
@@ -216,11 +219,7 @@ class Exerciser:
                 written = os.pwritev(direct, [aligned], offset)
         finally:
             os.close(direct)
-        if written != length:
-            raise self.fail(f"O_DIRECT write of {length} at {offset} wrote {written}")
-        self._extend_to(offset + length)
-        self.model[offset:offset + length] = data
-        return f"direct write {offset}+{length}"
+        return self._wrote("O_DIRECT write", offset, data, written)
 
     def direct_read(self) -> str:
         if not self.model:
