@@ -370,6 +370,58 @@ def test_file_times_move_as_on_the_local_disk(base: Path, mount: MailfsMount, na
 NAME_CHANGES = ("link", "unlink the other name", "rename", "rename back")
 
 
+def calls_that_change_nothing(root: Path, name: str) -> dict[str, tuple[bool, bool]]:
+    """(ctime moved, mtime moved) for calls that succeed without changing a value. On ext4
+    every one of them moves ctime, and truncates move mtime too (found by a randomized
+    comparison of sequences of calls as several users; pjdfstest's chown tests ask for
+    the chown(-1, -1) case)."""
+    d = root / "same"
+    d.mkdir()
+    target = d / name
+    target.write_bytes(b"")
+    os.symlink(name, d / "link")
+    mode = stat.S_IMODE(os.stat(target).st_mode)
+    calls: dict[str, Callable[[], object]] = {
+        "chown(-1, -1)": lambda: os.chown(target, -1, -1),
+        "lchown(-1, -1) of a link": lambda: os.lchown(d / "link", -1, -1),
+        "chmod to the same mode": lambda: os.chmod(target, mode),
+        "chown to the same owner": lambda: os.chown(target, 0, 0),
+        "utime to the same times": lambda: os.utime(
+            target, ns=(os.stat(target).st_atime_ns, os.stat(target).st_mtime_ns)),
+        "truncate to the same size": lambda: os.truncate(target, 0),
+        "ftruncate to the same size": lambda: _ftruncate(target, 0),
+        "O_TRUNC of an empty file": lambda: os.close(os.open(target, os.O_WRONLY | os.O_TRUNC)),
+    }
+    seen = {}
+    for what, call in calls.items():
+        observed = d / "link" if "link" in what else target
+        before = os.lstat(observed)
+        time.sleep(0.01)
+        call()
+        after = os.lstat(observed)
+        seen[what] = (after.st_ctime_ns != before.st_ctime_ns,
+                      after.st_mtime_ns != before.st_mtime_ns)
+    return seen
+
+
+def _ftruncate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("name", ["message", "dovecot.index.log", "dovecot.index.log.newlock"])
+def test_calls_that_change_nothing_still_move_ctime(base: Path, mount: MailfsMount,
+                                                     name: str) -> None:
+    """For a mail file, an index file and a lock file (passthrough, the store and RAM in
+    the full overlay; all in the store on an index-only mount)."""
+    expected = calls_that_change_nothing(base / "local", name)
+    assert all(ctime for ctime, _ in expected.values())  # what ext4 does, as a check
+    assert calls_that_change_nothing(mount.mountpoint, name) == expected
+
+
 def test_a_directory_rename_too_deep_for_its_index_files_is_refused_before_it_moves(
         mount: MailfsMount) -> None:
     """The store keys index files by their whole path (511 bytes at most). Renaming their

@@ -1095,6 +1095,10 @@ class MailFS:
             self.table.unplace(dst_dir.inode, new_name)
             if moving is not None:
                 self.table.move(moving, (src_dir.inode, old_name), (dst_dir.inode, new_name))
+                if moving.kind is Kind.DIR:
+                    # The store moved the directory's own ctime: what we remembered of it
+                    # (from a change inside it) is stale.
+                    moving.stat_cache = None
 
     def _rename_volatile_dir(self, old: bytes, new: bytes) -> None:
         for dirpath, name in list(self.volatile):
@@ -1161,11 +1165,11 @@ class MailFS:
         node = self._node(inode)
         if node.kind is Kind.REPLICATED:
             stored = self._stored(node)
-            if fields.update_size and attr.st_size != stored.size:
+            if fields.update_size:
+                # Even to the same size: ext4 moves mtime and ctime then too.
                 self.store.truncate(stored, attr.st_size)
-            new = self._updated_attrs(stored.attrs, attr, fields)
-            if new != stored.attrs:
-                self.store.set_attrs(stored, new)
+            if _sets_more_than_size(fields):
+                self.store.set_attrs(stored, self._updated_attrs(stored.attrs, attr, fields))
             return self._attrs_entry(node, stored.attrs)
         if node.kind is Kind.VOLATILE:
             volatile = node.volatile
@@ -1219,8 +1223,9 @@ class MailFS:
             new.atime_ns = attr.st_atime_ns
         if fields.update_mtime:
             new.mtime_ns = attr.st_mtime_ns
-        if new != old:
-            new.ctime_ns = time.time_ns()
+        # Every setattr that succeeds moves ctime on ext4, also one that changes nothing
+        # (chmod to the same mode) or asks for nothing (chown(-1, -1)).
+        new.ctime_ns = time.time_ns()
         return new
 
     # ------------------------------------------------------------------ open / io
@@ -1355,16 +1360,13 @@ class MailFS:
         off under them (SIGBUS in Dovecot with several clients on one mailbox).
         """
         if node.kind is Kind.REPLICATED:
-            stored = self._stored(node)
-            if stored.size:
-                self.store.truncate(stored, 0)
+            self.store.truncate(self._stored(node), 0)  # an empty file's times move too
             return
         volatile = node.volatile
         assert volatile is not None
-        if volatile.content:
-            volatile.content.clear()
-            volatile.attrs.size = 0
-            volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
+        volatile.content.clear()
+        volatile.attrs.size = 0
+        volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)
@@ -1846,6 +1848,12 @@ def _hardlink(source: bytes, target: bytes, parent: bytes | None) -> os.stat_res
     return None if parent is None else os.lstat(parent)
 
 
+def _sets_more_than_size(fields: pyfuse3.SetattrFields) -> bool:
+    """Whether a setattr asks for anything but a size, or for nothing at all."""
+    return (fields.update_mode or fields.update_uid or fields.update_gid
+            or fields.update_atime or fields.update_mtime or not fields.update_size)
+
+
 def _apply_setattr(path: bytes, fd: BackingFd | None, size: int | None, mode: int | None,
                    uid: int, gid: int, atime_ns: int | None,
                    mtime_ns: int | None) -> os.stat_result:
@@ -1863,7 +1871,10 @@ def _set_attributes(target: bytes | int, size: int | None, mode: int | None, uid
         os.truncate(target, size)
     if mode is not None:
         os.chmod(target, mode)
-    if uid != -1 or gid != -1:
+    if uid != -1 or gid != -1 or (size is None and mode is None and atime_ns is None
+                                  and mtime_ns is None):
+        # chown(-1, -1) reaches us as a setattr that asks for nothing; the store's own
+        # chown(-1, -1) moves ctime as the caller's would have.
         os.chown(target, uid, gid, follow_symlinks=follow)
     if atime_ns is not None or mtime_ns is not None:
         current = os.stat(target, follow_symlinks=follow)

@@ -271,9 +271,7 @@ class IndexOnlyFS(MailFS):
         if fields.update_size:
             raise oserror(errno.EISDIR)
         stored = self._stored(node)
-        new: Attrs = self._updated_attrs(stored.attrs, attr, fields)
-        if new != stored.attrs:
-            self.store.set_attrs(stored, new)
+        self.store.set_attrs(stored, self._updated_attrs(stored.attrs, attr, fields))
         return self._dir_entry(node)
 
     async def fsyncdir(self, fh: int) -> None:
