@@ -46,6 +46,7 @@ from mailfs.fs.nodes import (
     VolatileFile,
     backing_identity,
 )
+from mailfs.fs.privileges import process_groups, set_id_bits_to_drop
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ class Caller:
     uid: int
     gid: int
     umask: int
+    pid: int = 0
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in process_groups(self.pid)
 
 
 @dataclass
@@ -1239,13 +1244,15 @@ class MailFS:
         # keep_cache: index pages change only through this mount, which invalidates them.
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True)  # type: ignore[arg-type]
 
-    async def open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, caller: Caller | None = None
+                   ) -> pyfuse3.FileInfo:
+        """`caller`: who opens; an unprivileged O_TRUNC clears set-id bits (`privileges`)."""
         if flags & os.O_TRUNC:
             await self._changes_allowed()
         node = self._node(inode)
         if node.kind in (Kind.REPLICATED, Kind.VOLATILE):
             if flags & os.O_TRUNC:  # Linux truncates even with O_RDONLY, so do we
-                self._truncate_on_open(node)
+                self._truncate_on_open(node, caller)
             return self._open_node(node, flags)
         if node.kind is Kind.DIR:
             raise oserror(errno.EISDIR)
@@ -1260,6 +1267,10 @@ class MailFS:
                           else contextlib.nullcontext())
             with truncating:
                 fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
+                drop = (set_id_bits_to_drop(st.st_mode, caller.uid, caller.in_group, st.st_gid)
+                        if flags & os.O_TRUNC and caller is not None else 0)
+                if drop:
+                    st = await self.backing.run(_fchmod_stat, fd, stat.S_IMODE(st.st_mode) & ~drop)
             version, backing_fd = (st.st_mtime_ns, st.st_size), BackingFd(fd)
             if not flags & os.O_TRUNC:
                 self._verified(node, st, asked_at)
@@ -1352,7 +1363,7 @@ class MailFS:
         self._verified(handle.node, st, asked_at)
         return handle.fd
 
-    def _truncate_on_open(self, node: Node) -> None:
+    def _truncate_on_open(self, node: Node, caller: Caller | None) -> None:
         """open(O_TRUNC) of an index or lock file (the kernel already dropped its pages).
 
         Ignoring it left the old bytes behind a shorter rewrite, and the kernel's idea of
@@ -1360,13 +1371,23 @@ class MailFS:
         off under them (SIGBUS in Dovecot with several clients on one mailbox).
         """
         if node.kind is Kind.REPLICATED:
-            self.store.truncate(self._stored(node), 0)  # an empty file's times move too
+            stored = self._stored(node)
+            self.store.truncate(stored, 0)  # an empty file's times move too
+            drop = (set_id_bits_to_drop(stored.attrs.mode, caller.uid, caller.in_group,
+                                        stored.attrs.gid) if caller is not None else 0)
+            if drop:
+                attrs = stored.attrs.copy()
+                attrs.mode &= ~drop
+                self.store.set_attrs(stored, attrs)
             return
         volatile = node.volatile
         assert volatile is not None
         volatile.content.clear()
         volatile.attrs.size = 0
         volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
+        if caller is not None:
+            volatile.attrs.mode &= ~set_id_bits_to_drop(volatile.attrs.mode, caller.uid,
+                                                        caller.in_group, volatile.attrs.gid)
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)
@@ -1846,6 +1867,11 @@ def _rename(old: bytes, new: bytes, noreplace: bool, old_parent: bytes | None,
 def _hardlink(source: bytes, target: bytes, parent: bytes | None) -> os.stat_result | None:
     os.link(source, target, follow_symlinks=False)
     return None if parent is None else os.lstat(parent)
+
+
+def _fchmod_stat(fd: int, mode: int) -> os.stat_result:
+    os.fchmod(fd, mode)
+    return os.fstat(fd)
 
 
 def _sets_more_than_size(fields: pyfuse3.SetattrFields) -> bool:

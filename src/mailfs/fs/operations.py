@@ -51,7 +51,7 @@ def fuse_errors(handler: F) -> F:
 
 
 def caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.uid, ctx.gid, ctx.umask)
+    return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
 
 
 class Operations(pyfuse3.Operations):
@@ -143,7 +143,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int,  # type: ignore[override]
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         log.debug("open %d flags=%o", inode, flags)
-        return await self.fs.open(inode, flags)
+        return await self.fs.open(inode, flags, caller(ctx))
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int,  # type: ignore[override]
