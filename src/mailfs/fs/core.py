@@ -35,6 +35,7 @@ from mailfs.cachemgr.ownership import user_of
 from mailfs.cachemgr.records import Attrs, Op, Record, key_problem, path_problem
 from mailfs.fs.classifier import Classifier, FileClass
 from mailfs.fs.freshness import Freshness
+from mailfs.fs.held_names import HeldNames
 from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.listings import ListingCache
 from mailfs.fs.nodes import (
@@ -140,6 +141,7 @@ class MailFS:
         self._listings_wake = trio.Event()
         # What the store said about passthrough files, for opens that need not ask again.
         self.freshness = Freshness(timeouts.passthrough)
+        self.held_names = HeldNames(timeouts.passthrough)
         self.opens_remembered = 0  # opens answered without the store
         self.opens_completed = 0  # of those, opened on the store after all (read, write...)
         # Sync replication: what fsync of an index file waits for after the local commit.
@@ -369,19 +371,28 @@ class MailFS:
             return stale
         if self._listed_missing(parent, name):
             self._remember_missing(parent.inode, name)
+            self._hand_to_kernel(parent, name)
             return self._negative(self.timeouts.passthrough)
         asked_at = time.monotonic()
         try:
             st = await self._backing_stat(self.table.child_path(parent, name))
         except FileNotFoundError:
             self._remember_missing(parent.inode, name)
+            self._hand_to_kernel(parent, name)
             return self._negative(self.timeouts.passthrough)
         kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
         node = self.table.placed(parent, name, kind, backing_identity(st))
         self._remember_dir_stat(node, st)
         self._verified(node, st, asked_at)
         node.lookups += 1
+        self._hand_to_kernel(parent, name)
         return self._stat_entry(node, st)
+
+    def _hand_to_kernel(self, parent: Node, name: bytes, dirpath: bytes | None = None) -> None:
+        """Note a passthrough name the kernel will hold, for `peer_changed` (`held_names`)."""
+        if self.listings_enabled:
+            path = self.table.dirpath(parent) if dirpath is None else dirpath
+            self.held_names.handed(self._user_of(path), parent.inode, name, time.monotonic())
 
     # ------------------------------------------------------------------ directory names
 
@@ -451,15 +462,40 @@ class MailFS:
         for user in users:
             self.listings.drop_user(user)
             self.freshness.drop_user(user, now)
+            self._kernel_forgets(self.held_names.take_user(user, now))
+
+    def _kernel_forgets(self, names: list[tuple[int, bytes]]) -> None:
+        """Make the kernel ask again about these passthrough names (found or missing), their
+        files' attributes and their directories' attributes."""
+        invalidate = self.passthrough_invalidator
+        parents = set()
+        for parent, name in names:
+            invalidate.entry(parent, name)
+            inode = self.table.entries.get((parent, name))
+            if inode is not None:
+                invalidate.inode(inode)
+                node = self.table.nodes.get(inode)
+                if node is not None:
+                    node.stat_cache = None  # a directory: our copy of its attributes too
+            parents.add(parent)
+        for parent in parents:
+            node = self.table.nodes.get(parent)
+            if node is not None:
+                node.stat_cache = None
+                if parent != ROOT:
+                    invalidate.inode(parent)
 
     def store_replaced(self) -> None:
         """A peer's snapshot replaced the meta store: every user's index files changed."""
         self._forget_store_readings()
 
     def _forget_store_readings(self) -> None:
-        """Every listing, and every file's attributes that opens may be answered from."""
+        """Every listing, every file's attributes that opens may be answered from, and
+        every passthrough name the kernel holds."""
+        now = time.monotonic()
         self.listings.drop_all()
-        self.freshness.drop_all(time.monotonic())
+        self.freshness.drop_all(now)
+        self._kernel_forgets(self.held_names.take_all(now))
 
     @contextlib.contextmanager
     def _listing_change(self, *dirs: Node) -> Iterator[None]:
@@ -1505,6 +1541,7 @@ class MailFS:
             kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
             node = self.table.placed(parent, name, kind, backing_identity(st))
             result.append((name, self._stat_entry(node, st), node))
+            self._hand_to_kernel(parent, name, dirpath)
         for name, fid in sorted(self.store.names_in(dirpath).items()):
             node = self.table.replicated(fid)
             result.append((name, self._attrs_entry(node, self._stored(node).attrs), node))
@@ -1619,6 +1656,7 @@ class MailFS:
         for parent, name in self.missing:
             invalidate.entry(parent, name)
         missing, self.missing = len(self.missing), OrderedDict()
+        self.held_names.clear()  # every name was invalidated above
         self._forget_store_readings()
         self.caches_dropped += 1
         return {"inodes": inodes, "entries": entries, "missing_names": missing}
@@ -1640,6 +1678,8 @@ class MailFS:
             "listings_dropped": self.listings.stats.listings_dropped,
             "opens_remembered": self.opens_remembered,
             "opens_completed": self.opens_completed,
+            "kernel_names_held": len(self.held_names),
+            "kernel_names_forgotten_early": self.held_names.forgotten,
         }
 
 
