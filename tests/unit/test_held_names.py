@@ -10,7 +10,7 @@ def test_a_users_names_are_taken_once_and_only_while_the_kernel_may_hold_them() 
     held.handed(b"alice", 5, b"u.1", now=0.0)
     held.handed(b"alice", 5, b"u.2", now=8.0)
     held.handed(b"bob", 7, b"u.1", now=8.0)
-    assert sorted(held.take_user(b"alice", now=12.0)) == [(5, b"u.2")]  # u.1 expired at 10
+    assert sorted(held.take_user(b"alice", now=12.0)) == [(5, b"u.2")]  # u.1: gone at 10 + GRACE
     assert held.take_user(b"alice", now=12.0) == []
     assert held.take_user(b"bob", now=12.0) == [(7, b"u.1")]
     assert len(held) == 0

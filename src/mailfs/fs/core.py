@@ -388,11 +388,11 @@ class MailFS:
         self._hand_to_kernel(parent, name)
         return self._stat_entry(node, st)
 
-    def _hand_to_kernel(self, parent: Node, name: bytes, dirpath: bytes | None = None) -> None:
+    def _hand_to_kernel(self, parent: Node, name: bytes) -> None:
         """Note a passthrough name the kernel will hold, for `peer_changed` (`held_names`)."""
         if self.listings_enabled:
-            path = self.table.dirpath(parent) if dirpath is None else dirpath
-            self.held_names.handed(self._user_of(path), parent.inode, name, time.monotonic())
+            self.held_names.handed(self._user_of(self.table.dirpath(parent)), parent.inode,
+                                   name, time.monotonic())
 
     # ------------------------------------------------------------------ directory names
 
@@ -1535,13 +1535,15 @@ class MailFS:
             self.listings.finish_read(parent.inode, token, names, self._user_of(dirpath),
                                       read_at)
         result: list[tuple[bytes, pyfuse3.EntryAttributes, Node]] = []
+        user = self._user_of(dirpath)
         for name, st in backing_entries:
             if self.classifier.classify(name) is not FileClass.PASSTHROUGH:
                 continue  # backing copies of index files are hidden; the store has them
             kind = Kind.DIR if stat.S_ISDIR(st.st_mode) else Kind.PASSTHROUGH
             node = self.table.placed(parent, name, kind, backing_identity(st))
             result.append((name, self._stat_entry(node, st), node))
-            self._hand_to_kernel(parent, name, dirpath)
+            if self.listings_enabled:
+                self.held_names.handed(user, parent.inode, name, read_at)
         for name, fid in sorted(self.store.names_in(dirpath).items()):
             node = self.table.replicated(fid)
             result.append((name, self._attrs_entry(node, self._stored(node).attrs), node))

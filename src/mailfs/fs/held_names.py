@@ -23,6 +23,10 @@ MAX_NAMES = 200_000
 
 Name = tuple[int, bytes]  # (parent inode, name)
 
+# A listing's names are noted when it is read and reach the kernel with the readdir replies
+# that follow, a little later: they count as held this much longer than the timeout.
+GRACE = 1.0
+
 
 class HeldNames:
     def __init__(self, ttl: float, max_names: int = MAX_NAMES) -> None:
@@ -46,7 +50,7 @@ class HeldNames:
         while len(self._names) > self.max_names:
             oldest, (owner, at) = self._names.popitem(last=False)
             self._discard(owner, oldest)
-            if now - at < self.ttl:
+            if now - at < self.ttl + GRACE:
                 self.forgotten += 1
 
     def take_user(self, user: bytes | None, now: float) -> list[Name]:
@@ -54,12 +58,12 @@ class HeldNames:
         taken = []
         for key in self._by_user.pop(user, ()):
             _, at = self._names.pop(key)
-            if now - at < self.ttl:
+            if now - at < self.ttl + GRACE:
                 taken.append(key)
         return taken
 
     def take_all(self, now: float) -> list[Name]:
-        taken = [key for key, (_, at) in self._names.items() if now - at < self.ttl]
+        taken = [key for key, (_, at) in self._names.items() if now - at < self.ttl + GRACE]
         self.clear()
         return taken
 
