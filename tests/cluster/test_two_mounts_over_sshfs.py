@@ -20,6 +20,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -194,3 +196,32 @@ def test_random_maildir_changes_are_seen_through_both_mounts(
             check(store, [a, b], f"{TTL + 0.5} s after {op} of m{number} through {where}")
 
     same_as_the_store()
+
+
+def test_a_peers_index_change_leaves_directories_in_use_reachable(
+        rig: tuple[SshfsMount, Cluster]) -> None:
+    """The kernel forgets the user's file names, not the names of directories: a process
+    working inside one (an admin's shell, a Dovecot process in its home) keeps a working
+    directory that getcwd() can name."""
+    sshfs, cluster = rig
+    store = sshfs.mountpoint / "backing"
+    a, b = cluster.nodes
+    reset(store, cluster)
+    inside = b.mountpoint / MAILDIR / "cur"
+    os.listdir(inside)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys\nos.chdir(sys.argv[1])\nprint('in', flush=True)\n"
+         "sys.stdin.readline()\nprint(os.getcwd(), flush=True)", str(inside)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdin is not None
+        assert worker.stdout.readline().strip() == "in"
+        assert change(a.mountpoint / MAILDIR, "deliver", 0, 1)
+        announce(a, b, 1)
+        time.sleep(NOTICE_LATENCY)  # the kernel has been told to forget by now
+        out, err = worker.communicate("\n", timeout=30)
+        assert worker.returncode == 0, err
+        assert out.strip() == str(inside)
+        assert (inside.parent / "new" / "m0").exists()
+    finally:
+        worker.kill()

@@ -470,14 +470,19 @@ class MailFS:
         invalidate = self.passthrough_invalidator
         parents = set()
         for parent, name in names:
-            invalidate.entry(parent, name)
-            inode = self.table.entries.get((parent, name))
-            if inode is not None:
-                invalidate.inode(inode)
-                node = self.table.nodes.get(inode)
-                if node is not None:
-                    node.stat_cache = None  # a directory: our copy of its attributes too
             parents.add(parent)
+            inode = self.table.entries.get((parent, name))
+            node = self.table.nodes.get(inode) if inode is not None else None
+            if node is None:
+                invalidate.entry(parent, name)  # a missing name, or a file since forgotten
+                continue
+            invalidate.inode(node.inode)
+            if node.kind is Kind.DIR:
+                # Its name stays, as in drop_caches: invalidating it would break getcwd()
+                # of processes inside and detach what is mounted below.
+                node.stat_cache = None
+            else:
+                invalidate.entry(parent, name)
         for parent in parents:
             node = self.table.nodes.get(parent)
             if node is not None:
