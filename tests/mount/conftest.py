@@ -61,3 +61,17 @@ def make_mount(dirs: Dirs) -> Iterator[type[MailfsMount] | object]:
 @pytest.fixture
 def mount(make_mount):  # type: ignore[no-untyped-def]
     return make_mount()
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A directory other users can reach, with `local` (plain ext4, for comparisons),
+    `backing` and `mnt` in it; anything still mounted at `mnt` is taken down after."""
+    path = Path(tempfile.mkdtemp(prefix="mailfs-compare-"))
+    path.chmod(0o755)
+    for name in ("local", "backing", "mnt"):
+        (path / name).mkdir()
+        (path / name).chmod(0o755)
+    yield path
+    force_unmount(path / "mnt")
+    shutil.rmtree(path, ignore_errors=True)

@@ -19,9 +19,8 @@ import json
 import os
 import shutil
 import stat
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.rigs.mount import MailfsMount, force_unmount, mounted
+from tests.rigs.mount import MailfsMount, mounted
 
 # (uid, gid, supplementary groups)
 USERS = [(0, 0, []), (65534, 65534, []), (1000, 1000, [1234]), (1001, 1234, [])]
@@ -242,17 +241,6 @@ def first_difference(ext4: list[tuple[str, object, dict[str, object]]],
                 lines.append(f"  {' ' * len(name)}  mount {mount_seen.get(name)!r}")
         return "\n".join(lines)
     return None
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="mailfs-differential-"))
-    path.chmod(0o755)
-    for name in ("local", "backing", "mnt"):
-        (path / name).mkdir()
-    yield path
-    force_unmount(path / "mnt")
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("layout", "name_set"), [

@@ -14,32 +14,19 @@ import shutil
 import socket
 import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.rigs.mount import MailfsMount, force_unmount, mounted, run_cli
+from tests.rigs.mount import MailfsMount, mounted, run_cli
 
 Observed = dict[str, object]
 UNPRIVILEGED = "nobody"
 RUNUSER = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
 # The system's interpreter: the project's venv may sit where that user cannot reach it.
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="mailfs-special-"))
-    path.chmod(0o755)
-    for name in ("local", "backing", "mnt"):
-        (path / name).mkdir()
-        (path / name).chmod(0o755)
-    yield path
-    force_unmount(path / "mnt")
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=["full", "index-only"])

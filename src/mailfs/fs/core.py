@@ -92,6 +92,10 @@ class Caller:
     def in_group(self, gid: int) -> bool:
         return gid == self.gid or gid in process_groups(self.pid)
 
+    def truncate_clears(self, mode: int, file_gid: int) -> int:
+        """The set-id bits of a file that this caller's truncate clears (`privileges`)."""
+        return set_id_bits_to_drop(mode, self.uid, self.in_group, file_gid)
+
 
 @dataclass
 class DirListing:
@@ -1308,7 +1312,7 @@ class MailFS:
                           else contextlib.nullcontext())
             with truncating:
                 fd, st = await self._open_by_name(node, flags & ~OPEN_STRIP)
-                drop = (set_id_bits_to_drop(st.st_mode, caller.uid, caller.in_group, st.st_gid)
+                drop = (caller.truncate_clears(st.st_mode, st.st_gid)
                         if flags & os.O_TRUNC and caller is not None else 0)
                 if drop:
                     try:
@@ -1418,8 +1422,8 @@ class MailFS:
         if node.kind is Kind.REPLICATED:
             stored = self._stored(node)
             self.store.truncate(stored, 0)  # an empty file's times move too
-            drop = (set_id_bits_to_drop(stored.attrs.mode, caller.uid, caller.in_group,
-                                        stored.attrs.gid) if caller is not None else 0)
+            drop = (caller.truncate_clears(stored.attrs.mode, stored.attrs.gid)
+                    if caller is not None else 0)
             if drop:
                 attrs = stored.attrs.copy()
                 attrs.mode &= ~drop
@@ -1431,8 +1435,8 @@ class MailFS:
         volatile.attrs.size = 0
         volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
         if caller is not None:
-            volatile.attrs.mode &= ~set_id_bits_to_drop(volatile.attrs.mode, caller.uid,
-                                                        caller.in_group, volatile.attrs.gid)
+            volatile.attrs.mode &= ~caller.truncate_clears(volatile.attrs.mode,
+                                                           volatile.attrs.gid)
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)

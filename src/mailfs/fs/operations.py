@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
@@ -143,7 +144,8 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int,  # type: ignore[override]
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         log.debug("open %d flags=%o", inode, flags)
-        return await self.fs.open(inode, flags, caller(ctx))
+        # Only a truncating open asks who the caller is (set-id bits); opens are frequent.
+        return await self.fs.open(inode, flags, caller(ctx) if flags & os.O_TRUNC else None)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int,  # type: ignore[override]
