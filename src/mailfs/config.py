@@ -122,6 +122,9 @@ class Config:
     crash_hold: float = 30.0
     # Kill the processes still on the mount when the hold ends, as a machine crash would.
     crash_fence: bool = True
+    # Index-only mounts: a restarted daemon takes over the held connection of the crashed
+    # one, and the processes on the mount carry on (adoption.py).
+    adopt_connection: bool = True
     log_level: str = "INFO"
     metrics_port: int = 0
     replicated: tuple[str, ...] = DEFAULT_REPLICATED
@@ -169,7 +172,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "mount": {"mode": "choice", "backing": "path", "mountpoint": "path", "state_dir": "path",
               "run_dir": "path",
               "allow_other": "bool", "import_on_access": "bool",
-              "crash_hold": "seconds", "crash_fence": "bool"},
+              "crash_hold": "seconds", "crash_fence": "bool", "adopt_connection": "bool"},
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
               "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
     "commit": {"interval": "seconds", "max_pending": "size"},

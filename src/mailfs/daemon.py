@@ -21,7 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from mailfs import __version__, mounts
+from mailfs import __version__, adoption, mounts
 from mailfs.cachemgr.backing import Backing, filesystem_type, inline_calls, stable_inodes
 from mailfs.cachemgr.metastore import MetaStore
 from mailfs.cachemgr.ownership import LosingVersion
@@ -94,8 +94,9 @@ def check_paths(config: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, adopted: adoption.Adopted | None = None) -> None:
         self.config = config
+        self.mountpoint = str(config.mountpoint)
         self.started = time.time()
         self.keeper: keeper.Keeper | None = None
         self.fast_waits = False  # dispatch.install() done: pyfuse3 waits for requests our way
@@ -118,7 +119,9 @@ class Daemon:
             self.fs: MailFS = IndexOnlyFS(
                 self.store, self.backing, Classifier(("*",), config.volatile), timeouts,
                 import_on_access=False, install_wait=config.install_wait,
-                root_stat=os.stat(config.mountpoint), state_dir=str(config.state_dir),
+                root_stat=(adopted.record.root_stat if adopted is not None
+                           else os.stat(config.mountpoint)),
+                state_dir=str(config.state_dir),
             )
         else:
             self.backing = Backing(config.backing, config.backing_threads,
@@ -218,7 +221,8 @@ class Daemon:
             "fuse_session": session.status(),
             "request_waits": {"fast": self.fast_waits, **dispatch.waits.status()},
             "crash_hold": {"seconds": self.config.crash_hold, "fence": self.config.crash_fence,
-                           "keeper_pid": self.keeper.pid if self.keeper else None},
+                           "keeper_pid": self.keeper.pid if self.keeper else None,
+                           "adopt_connection": self.index_only and self.config.adopt_connection},
             **({"replication": self.replication.replicator.status()}
                if self.replication is not None else {}),
         }
@@ -340,6 +344,8 @@ class Daemon:
                 await nursery.start(self.replication.run)
             await nursery.start(control.serve)
             nursery.start_soon(self._watch_signals)
+            if self.index_only and self.config.adopt_connection:
+                nursery.start_soon(self._record_connection)
             self._token = trio.lowlevel.current_trio_token()
             report_ready(ready_fd, "ok")
             log.info("mailfs %s mounted %s %s", __version__, self.config.mountpoint,
@@ -349,6 +355,32 @@ class Daemon:
             nursery.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
             await self.store.commit()
+
+    async def _record_connection(self) -> None:
+        """Once the kernel's INIT has come: what a restarted daemon needs to adopt this
+        connection after a crash (adoption.py). An adopted connection keeps its record."""
+        assert isinstance(self.fs, IndexOnlyFS)
+        if self.fs.adopted:
+            return
+        for _ in range(RECORD_WAIT_STEPS):
+            request = session.init_request()
+            if request is not None:
+                try:
+                    device = await trio.to_thread.run_sync(adoption.mounted_device,
+                                                           self.mountpoint)
+                    if device is None:
+                        raise OSError(errno.ENOENT, "the mount is not in the mount table")
+                    record = adoption.ConnectionRecord(self.mountpoint, device, request,
+                                                       self.fs.root_stat)
+                    await trio.to_thread.run_sync(adoption.save_record,
+                                                  self.config.state_dir, record)
+                except OSError as exc:
+                    log.warning("a crash of this daemon will stop the processes on the "
+                                "mount: cannot save the connection record: %s", exc)
+                return
+            await trio.sleep(0.01)
+        log.warning("the kernel's INIT was not seen: a crash of this daemon will stop the "
+                    "processes on the mount (%s)", session.status())
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
@@ -402,6 +434,8 @@ early_stop_signals = EarlyStopSignals()
 
 # How much longer than its hold a new mount waits for a crashed daemon's keeper.
 KEEPER_GRACE = 30.0
+# How long the daemon looks for the kernel's INIT to record it (steps of 10 ms).
+RECORD_WAIT_STEPS = 3000
 
 
 def version_summary(version: LosingVersion) -> dict[str, Any]:
@@ -521,11 +555,18 @@ def run(config: Config, ready_fd: int | None = None) -> int:
     control_socket = config.control_socket()
     mountpoint = mounts.real_mountpoint(config.mountpoint)
     with state_dir_lock(config.state_dir):
-        wait_for_previous_keeper(config)
-        check_paths(config)
-        daemon = Daemon(config)
+        adopted = (adoption.adopt(config.state_dir, mountpoint)
+                   if config.mode == "index-only" and config.adopt_connection else None)
+        if adopted is None:
+            wait_for_previous_keeper(config)
+            check_paths(config)
+        else:
+            ensure_directory(config.run_dir, "run dir")
+        daemon = Daemon(config, adopted)
+        daemon.mountpoint = mountpoint
         try:
-            daemon.store.recover()
+            # Kept while adopting: a process may still have an unlinked file open.
+            daemon.store.recover(keep_orphans=adopted is not None)
         except OSError as exc:
             daemon.store.close()
             raise UserError(f"cannot recover the state in {config.state_dir}: {exc}") from None
@@ -540,14 +581,24 @@ def run(config: Config, ready_fd: int | None = None) -> int:
         early_stop_signals.install()
         fuse_fds_before = keeper.fuse_device_fds()
         try:
-            pyfuse3.init(Operations(daemon.fs), str(config.mountpoint), mount_options(config))
-        except RuntimeError as exc:
+            if adopted is None:
+                pyfuse3.init(Operations(daemon.fs), str(config.mountpoint),
+                             mount_options(config))
+            else:
+                # libfuse takes /dev/fd/N as an open connection: no new mount.
+                pyfuse3.init(Operations(daemon.fs), f"/dev/fd/{adopted.fuse_fd}",
+                             mount_options(config))
+                assert isinstance(daemon.fs, IndexOnlyFS)
+                daemon.fs.adopted = True
+                adoption.resume(adopted)
+        except (RuntimeError, OSError) as exc:
             close_unmounted(daemon)
             raise UserError(f"cannot mount {config.mountpoint}: {exc}") from None
         served = False
         try:
-            daemon.keeper = start_keeper(config, mountpoint,
-                                         keeper.fuse_device_fds() - fuse_fds_before)
+            fuse_fds = ({adopted.fuse_fd} if adopted is not None
+                        else keeper.fuse_device_fds() - fuse_fds_before)
+            daemon.keeper = start_keeper(config, mountpoint, fuse_fds)
             trio.run(daemon.main, ready_fd, control_socket)
             served = True
         finally:
@@ -555,8 +606,12 @@ def run(config: Config, ready_fd: int | None = None) -> int:
                 # Also after SIGTERM, when the kernel has not unmounted us: leave no dead
                 # mount.
                 pyfuse3.close(unmount=True)
+                if adopted is not None:
+                    # libfuse unmounts only what it mounted itself.
+                    mounts.detach(mountpoint)
                 if daemon.keeper is not None:
                     daemon.keeper.unmounted()
+                adoption.remove_record(config.state_dir)
             else:
                 # A failure inside the daemon is a crash like any other: the keeper holds
                 # the connection for the processes on it.

@@ -60,6 +60,12 @@ def is_dead_mailfs_mount(mountpoint: Path, control_socket: Path) -> bool:
     return False
 
 
+def detach(mountpoint: str) -> None:
+    """Lazily unmount `mountpoint`, if it is still mounted (an adopted connection's mount,
+    which libfuse did not make and so does not unmount)."""
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, check=False)
+
+
 def clear_dead_mount(mountpoint: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", os.path.abspath(mountpoint)],
                    capture_output=True, check=False)

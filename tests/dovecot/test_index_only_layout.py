@@ -4,8 +4,12 @@ remount and a kill -9 of the daemon."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,4 +98,31 @@ def test_restart_keeps_uids_flags_and_uidvalidity(layout: Layout, how: str) -> N
     before = _snapshot(layout.dovecot)
     layout.restart(how)
     assert _changes(before, _snapshot(layout.dovecot)) == []
+    assert layout.problems() == []
+
+
+def test_dovecot_rides_through_a_daemon_crash(layout: Layout) -> None:
+    """kill -9 of the index-only daemon under IMAP load, Dovecot left running: the next
+    daemon adopts the held connection, and neither the clients nor Dovecot's log see it."""
+    config = LoadConfig(port=layout.dovecot.port, users=["alice"],
+                        password=DEFAULT_USERS["alice"], clients=3, duration=14, populate=15)
+    results = []
+    load = threading.Thread(target=lambda: results.append(run_load(config)))
+    load.start()
+    time.sleep(6)
+    mount = layout.index_mount
+    assert mount.process is not None
+    mount.process.send_signal(signal.SIGKILL)
+    mount.process.wait(timeout=30)
+    time.sleep(1)  # the clients wait meanwhile
+    mount.start()  # the mountpoint is still mounted: this returns at once
+    load.join(timeout=300)
+    assert results, "the load never finished"
+    result = results[0]
+    assert result.fatal == []
+    assert result.total_errors == 0, result.error_samples()
+    assert result.verified > 0
+    status = run_cli("status", str(mount.mountpoint), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["connection_adopted"] is True
     assert layout.problems() == []

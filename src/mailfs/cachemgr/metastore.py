@@ -38,6 +38,7 @@ import bisect
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import stat
 import struct
@@ -169,6 +170,39 @@ def unpack_file(raw: bytes | memoryview) -> tuple[Attrs, int]:
     attrs = Attrs.unpack(raw[:ATTRS.size])
     version = int(U64.unpack(raw[ATTRS.size:])[0]) if len(raw) > ATTRS.size else 0
     return attrs, version
+
+
+FID_MARK = "fid-mark"
+
+
+class FidMark:
+    """The next fid this node may hand out, in a shared memory map of a state file.
+
+    Why: fids reserved for lock files are not journaled, yet the kernel may still know the
+    inode numbers derived from them when a restarted daemon adopts the crashed one's FUSE
+    connection; reusing one would show the kernel two files as one. A store to the map
+    costs no system call, and the page cache keeps it across a daemon crash (a machine
+    crash ends every connection anyway).
+    """
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < U64.size:
+                os.ftruncate(fd, U64.size)
+            self._map = mmap.mmap(fd, U64.size)
+        finally:
+            os.close(fd)
+
+    @property
+    def value(self) -> int:
+        return int(U64.unpack_from(self._map)[0])
+
+    def raise_to(self, value: int) -> None:
+        U64.pack_into(self._map, 0, value)
+
+    def close(self) -> None:
+        self._map.close()
 
 
 def nchunks(size: int) -> int:
@@ -338,13 +372,18 @@ class MetaStore:
         if next_fid == 0 or fid_namespace(next_fid) != namespace:
             # A new namespace (first start, or replication turned on): count from 1 in it.
             next_fid = make_fid(namespace, 1)
-        self.next_fid = next_fid
+        self.fid_mark = FidMark(state_dir / FID_MARK)
+        self.next_fid = self._past_reserved(next_fid)
         self.applied = dict(self.committed_applied)
 
     # ---------------------------------------------------------------- startup / shutdown
 
-    def recover(self) -> int:
-        """Replay the journal over LMDB, drop orphans, commit. Returns records replayed."""
+    def recover(self, keep_orphans: bool = False) -> int:
+        """Replay the journal over LMDB, drop orphans, commit. Returns records replayed.
+
+        `keep_orphans`: a daemon that adopts its predecessor's FUSE connection keeps them,
+        for the processes that still have them open (they are dropped at the next mount
+        that starts afresh)."""
         for leftover in self.state_dir.glob("snapshot-*.tmp"):
             leftover.unlink(missing_ok=True)  # a transfer cut off by a crash
         machine_crashed = self._machine_crashed()
@@ -364,8 +403,9 @@ class MetaStore:
                     log.error("CONFLICT: own change %d not replayed: %s", record.seq, exc)
             replayed += 1
         self.stats.replayed_records = replayed
-        for fid in self._orphans():
-            self._apply_drop(fid)
+        if not keep_orphans:
+            for fid in self._orphans():
+                self._apply_drop(fid)
         own_seq = max(self.journal.seq, start)
         self.journal.start(own_seq)
         if machine_crashed and self.replicating:
@@ -454,6 +494,7 @@ class MetaStore:
     def close(self) -> None:
         self.journal.close()
         self.env.close()
+        self.fid_mark.close()
 
     def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
         raw = txn.get(key, db=self.db_meta)
@@ -539,6 +580,29 @@ class MetaStore:
             for key, value in self._scan(b"names", dirpath).items()
             if key[len(dirpath):len(dirpath) + 1] in (SEP, b"/")
         }
+
+    def directory_paths(self) -> dict[int, bytes]:
+        """Every stored directory's path, by fid (index-only mounts store directories)."""
+        found: dict[int, bytes] = {}
+        for key, value in self._scan(b"names", b"").items():
+            dirpath, _, name = key.partition(SEP)
+            if not value or not name:
+                continue
+            fid = int(FID.unpack(value)[0])
+            stored = self.files.get(fid)
+            if fid in self.drops or fid in self.committing_drops:
+                continue
+            if stored is None:
+                with self.env.begin(db=self.db_files) as txn:
+                    raw = txn.get(FID.pack(fid))
+                if raw is None:
+                    continue
+                mode = unpack_file(raw)[0].mode
+            else:
+                mode = stored.attrs.mode
+            if stat.S_ISDIR(mode):
+                found[fid] = dirpath + b"/" + name if dirpath else name
+        return found
 
     def _orphans(self) -> list[int]:
         return [int(FID.unpack(key)[0]) for key in self._scan(b"orphans", b"")]
@@ -1184,15 +1248,35 @@ class MetaStore:
         self._log(Op.CREATE, fid, dirpath, name, Attrs(mode, uid, gid, 1, 0, now, now, now))
         return self.files[fid]
 
+    def _past_reserved(self, next_fid: int) -> int:
+        """`next_fid`, or past the last fid reserved for a lock file in this namespace."""
+        marked = self.fid_mark.value
+        try:
+            if marked and fid_namespace(marked) == fid_namespace(next_fid):
+                return max(next_fid, marked)
+        except ValueError:
+            log.warning("ignoring a damaged %s in %s", FID_MARK, self.state_dir)
+        return next_fid
+
+    def reserve_fid(self) -> int:
+        """A fid for a lock file, which lives in RAM only: its inode number is derived from
+        it, and an index file it is renamed over keeps it (`put`). Never journaled, so the
+        fid mark keeps it from being handed out again after a daemon crash."""
+        fid = self.next_fid
+        self.next_fid += 1
+        self.fid_mark.raise_to(self.next_fid)
+        return fid
+
     def put(self, dirpath: bytes, name: bytes, attrs: Attrs, content: bytes,
-            space_neutral: bool = False) -> StoredFile:
+            space_neutral: bool = False, fid: int | None = None) -> StoredFile:
         """Install a whole file under a name, replacing what was there (promotion, import).
 
         `space_neutral`: the content already counts as written (a lock file renamed over
         an index file: on a real disk its blocks are allocated, and the rename needs none).
+        `fid`: one from `reserve_fid` (that lock file's), instead of a new one.
         """
         self._check_key(dirpath, name)
-        fid = self.next_fid
+        fid = self.next_fid if fid is None else fid
         self._log(Op.PUT, fid, dirpath, name, attrs, content, space_neutral=space_neutral)
         return self.files[fid]
 
@@ -1750,7 +1834,8 @@ class MetaStore:
                 self.dirty_fids.clear()
                 self.drops.clear()
                 self.pending.clear()
-                self.next_fid = next_fid
+                # Never below the fids of lock files alive here (`reserve_fid`).
+                self.next_fid = self._past_reserved(next_fid)
                 self._load_ownership()
                 self.committed_applied = {
                     origin: seq for origin, seq in origin_seqs.items()

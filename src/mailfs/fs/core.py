@@ -39,6 +39,7 @@ from mailfs.fs.held_names import HeldNames
 from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.listings import ListingCache
 from mailfs.fs.nodes import (
+    REPLICATED_BASE,
     ROOT,
     Handle,
     InodeTable,
@@ -101,6 +102,7 @@ class Caller:
 class DirListing:
     node: Node
     entries: list[tuple[bytes, pyfuse3.EntryAttributes, Node]] | None = None
+    opens: int = 1  # as Handle.opens
 
 
 class MailFS:
@@ -159,7 +161,9 @@ class MailFS:
         if self.store.installing:
             await self.store.wait_installed(self.install_wait)
 
-    def _fh(self) -> int:
+    def _fh(self, node: Node) -> int:
+        """A handle number for a new open of `node`, unused unless every number the mount
+        may give `node` is in use (then the open shares a handle: `Handle.opens`)."""
         fh = self._next_fh
         self._next_fh += 1
         return fh
@@ -820,7 +824,10 @@ class MailFS:
         if cls is FileClass.VOLATILE:
             if (dirpath, name) in self.volatile:
                 raise oserror(errno.EEXIST)
-            node = Node(self.table.allocate(), Kind.VOLATILE)
+            # Numbered like a stored file, from a fid of its own: renamed over an index
+            # file it becomes that file with the same number (`_rename_volatile_to_replicated`),
+            # which a daemon adopting this connection after a crash derives again.
+            node = Node(REPLICATED_BASE + self.store.reserve_fid(), Kind.VOLATILE)
             attrs = self._new_attrs(stat.S_IFREG | (mode & 0o7777 & ~caller.umask), caller,
                                     parent)
             node.volatile = VolatileFile(attrs, bytearray(), node.inode)
@@ -855,7 +862,7 @@ class MailFS:
         node.lookups += 1
         node.opens += 1
         node.cached_version = (st.st_mtime_ns, st.st_size)
-        handle = Handle(self._fh(), node, BackingFd(fd))
+        handle = Handle(self._fh(node), node, BackingFd(fd))
         self.handles[handle.fh] = handle
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True), self._stat_entry(node, st)  # type: ignore[arg-type]
 
@@ -1092,11 +1099,14 @@ class MailFS:
         if replaced is not None and noreplace:
             raise oserror(errno.EEXIST)
         node = self.table.nodes.get(volatile.inode)
+        # Its last name: the lock file's node and number become the index file's.
+        becomes = node is not None and volatile.attrs.nlink == 1
         stored = self.store.put(dst_path, new_name, volatile.attrs, bytes(volatile.content),
-                                space_neutral=True)
+                                space_neutral=True,
+                                fid=volatile.inode - REPLICATED_BASE if becomes else None)
         del self.volatile[(src_path, old_name)]
         volatile.attrs.nlink -= 1
-        if node is not None and volatile.attrs.nlink == 0:
+        if node is not None and becomes:
             node.kind = Kind.REPLICATED
             node.fid = stored.fid
             node.volatile = None
@@ -1281,8 +1291,12 @@ class MailFS:
     # ------------------------------------------------------------------ open / io
 
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
-        handle = Handle(self._fh(), node, None)
-        self.handles[handle.fh] = handle
+        fh = self._fh(node)
+        handle = self.handles.get(fh)
+        if handle is None:
+            handle = self.handles[fh] = Handle(fh, node, None)
+        else:
+            handle.opens += 1
         node.opens += 1
         if node.kind is Kind.REPLICATED:
             self._stored(node).opens += 1
@@ -1325,7 +1339,7 @@ class MailFS:
                 self._verified(node, st, asked_at)
         keep = version == node.cached_version and not flags & os.O_TRUNC
         node.cached_version = version
-        handle = Handle(self._fh(), node, backing_fd, flags & ~OPEN_STRIP)
+        handle = Handle(self._fh(node), node, backing_fd, flags & ~OPEN_STRIP)
         self.handles[handle.fh] = handle
         node.opens += 1
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep)  # type: ignore[arg-type]
@@ -1505,9 +1519,12 @@ class MailFS:
                                       waiting=True)
 
     async def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh, None)
+        handle = self.handles.get(fh)
         if handle is None:
             return
+        handle.opens -= 1
+        if handle.opens <= 0:
+            del self.handles[fh]
         node = handle.node
         node.opens -= 1
         if node.kind is Kind.REPLICATED:
@@ -1522,9 +1539,20 @@ class MailFS:
 
     async def opendir(self, inode: int) -> int:
         node = self._dir(inode)
-        fh = self._fh()
-        self.dir_handles[fh] = DirListing(node)
+        fh = self._fh(node)
+        listing = self.dir_handles.get(fh)
+        if listing is None:
+            self.dir_handles[fh] = DirListing(node)
+        else:
+            listing.opens += 1
         return fh
+
+    def releasedir(self, fh: int) -> None:
+        listing = self.dir_handles.get(fh)
+        if listing is not None:
+            listing.opens -= 1
+            if listing.opens <= 0:
+                del self.dir_handles[fh]
 
     async def list_directory(self, listing: DirListing
                              ) -> list[tuple[bytes, pyfuse3.EntryAttributes, Node]]:
@@ -1615,10 +1643,14 @@ class MailFS:
     def _node_for(self, parent: Node, name: bytes, fid: int) -> Node:
         return self.table.replicated(fid)
 
-    async def fsyncdir(self, fh: int) -> None:
+    def listing(self, fh: int) -> DirListing:
         listing = self.dir_handles.get(fh)
         if listing is None:
             raise oserror(errno.EBADF)
+        return listing
+
+    async def fsyncdir(self, fh: int) -> None:
+        listing = self.listing(fh)
         await self._sync_replicated()
         await self.backing.run_waiting(_fsync_dir,
                                        self.backing.path(self.table.dirpath(listing.node)))

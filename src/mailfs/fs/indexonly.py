@@ -17,6 +17,7 @@ only await in a changing request is `_changes_allowed`, before anything is check
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -38,12 +39,24 @@ from mailfs.fs.core import (
     statvfs_data,
 )
 from mailfs.fs.invalidation import invalidate_everything
-from mailfs.fs.nodes import REPLICATED_BASE, ROOT, Kind, Node
+from mailfs.fs.nodes import (
+    HANDLE_SERIALS,
+    REPLICATED_BASE,
+    ROOT,
+    Handle,
+    Kind,
+    Node,
+    handle_number,
+    inode_of_handle,
+)
 
 log = logging.getLogger(__name__)
 
 # A directory's stored nlink is 1 (its one name); stat shows the customary 2.
 DIR_NLINK = 2
+# The lookup count of a node that an adopted connection named before this daemon knew it:
+# the kernel's own count is unknown, so the node stays until the next mount.
+ADOPTED_LOOKUPS = 1 << 62
 
 
 class IndexOnlyFS(MailFS):
@@ -52,6 +65,112 @@ class IndexOnlyFS(MailFS):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.root_stat = root_stat
         self.state_dir = state_dir
+        # Serving a FUSE connection that a crashed daemon opened (daemon.py, "adoption").
+        self.adopted = False
+        self.adopted_nodes = 0
+        self._fh_serial = 0
+        self._directory_paths: dict[int, bytes] | None = None
+
+    # ------------------------------------------------------------------ adoption
+
+    def _fh(self, node: Node) -> int:
+        """The inode number plus a serial (nodes.handle_number). An index or lock file's
+        handle holds nothing but its node, so when all serials of a file are taken, a
+        further open shares one; a directory's shares its listing too."""
+        for _ in range(HANDLE_SERIALS):
+            self._fh_serial = self._fh_serial % HANDLE_SERIALS + 1
+            fh = handle_number(self._fh_serial, node.inode)
+            if fh not in self.handles and fh not in self.dir_handles:
+                return fh
+        return fh
+
+    def _node(self, inode: int) -> Node:
+        node = self.table.nodes.get(inode)
+        if node is None and self.adopted:
+            node = self._known_before(inode)
+        if node is None:
+            raise oserror(errno.ENOENT)
+        return node
+
+    def _dir(self, inode: int) -> Node:
+        node = self._node(inode)
+        if node.kind is not Kind.DIR:
+            raise oserror(errno.ENOTDIR)
+        return node
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self.handles.get(fh)
+        if handle is None and self.adopted:
+            handle = self._handle_known_before(fh)
+        if handle is None:
+            raise oserror(errno.EBADF)
+        return handle
+
+    def listing(self, fh: int) -> DirListing:
+        listing = self.dir_handles.get(fh)
+        if listing is None and self.adopted:
+            with contextlib.suppress(OSError):
+                listing = self.dir_handles[fh] = DirListing(self._dir(inode_of_handle(fh)))
+        if listing is None:
+            raise oserror(errno.EBADF)
+        return listing
+
+    def counts(self) -> dict[str, object]:
+        return {**super().counts(), "connection_adopted": self.adopted,
+                "adopted_nodes": self.adopted_nodes}
+
+    def _known_before(self, inode: int) -> Node | None:
+        """The node for a number the crashed daemon gave the kernel. Stored files and
+        directories have numbers derived from their fid; lock files (RAM only) are gone."""
+        if inode < REPLICATED_BASE:
+            return None
+        fid = inode - REPLICATED_BASE
+        try:
+            attrs = self.store.get(fid).attrs
+        except FileNotFoundError:
+            return None
+        node = (self._stored_directory(fid) if stat.S_ISDIR(attrs.mode)
+                else self.table.replicated(fid))
+        if node is not None:
+            node.lookups += ADOPTED_LOOKUPS
+            self.adopted_nodes += 1
+        return node
+
+    def _stored_directory(self, fid: int) -> Node | None:
+        """A stored directory's node, placed under its parents. Its path comes from a map
+        of all directories, built once and again if a directory has moved since."""
+        for rebuilt in (False, True):
+            if rebuilt or self._directory_paths is None:
+                self._directory_paths = self.store.directory_paths()
+            path = self._directory_paths.get(fid)
+            node = self._directory_at(path) if path is not None else None
+            if node is not None and node.fid == fid:
+                return node
+        return None
+
+    def _directory_at(self, path: bytes) -> Node | None:
+        node = self.table.nodes[ROOT]
+        dirpath = b""
+        for name in path.split(b"/"):
+            fid = self._stored_dir(dirpath, name)
+            if fid is None:
+                return None
+            node = self._dir_node(node, name, fid)
+            dirpath = dirpath + b"/" + name if dirpath else name
+        return node
+
+    def _handle_known_before(self, fh: int) -> Handle | None:
+        """A file handle the crashed daemon gave the kernel: its number holds the inode."""
+        inode = inode_of_handle(fh)
+        node = self.table.nodes.get(inode)
+        if node is None:
+            node = self._known_before(inode)
+        if node is None or node.kind is not Kind.REPLICATED:
+            return None
+        handle = self.handles[fh] = Handle(fh, node, None)
+        node.opens += 1
+        self._stored(node).opens += 1
+        return handle
 
     # ------------------------------------------------------------------ nodes
 
@@ -275,8 +394,7 @@ class IndexOnlyFS(MailFS):
         return self._dir_entry(node)
 
     async def fsyncdir(self, fh: int) -> None:
-        if fh not in self.dir_handles:
-            raise oserror(errno.EBADF)
+        self.listing(fh)
         await self._sync_replicated()
 
     async def statfs(self) -> pyfuse3.StatvfsData:

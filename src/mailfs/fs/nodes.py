@@ -20,6 +20,21 @@ from mailfs.cachemgr.records import Attrs
 ROOT = int(pyfuse3.ROOT_INODE)
 REPLICATED_BASE = 1 << 40
 REMEMBERED_NUMBERS = 1 << 20
+# Index-only mounts: a handle number carries its file's inode number in its low bits, so
+# that a daemon that adopts a crashed one's FUSE connection can rebuild the handles the
+# kernel still uses from the number alone (pyfuse3 passes read, write and release only
+# the handle). A serial in bits 57-61 tells apart opens of one file; bit 62 is the C
+# part's append tag.
+HANDLE_INODE_BITS = 57  # REPLICATED_BASE + fid < 2**57 (fids have 56 bits)
+HANDLE_SERIALS = 31
+
+
+def handle_number(serial: int, inode: int) -> int:
+    return (serial << HANDLE_INODE_BITS) | inode
+
+
+def inode_of_handle(fh: int) -> int:
+    return fh & ((1 << HANDLE_INODE_BITS) - 1)
 
 
 def backing_identity(st: os.stat_result) -> int:
@@ -87,6 +102,8 @@ class Handle:
     fd: BackingFd | None = None
     # What the store's file is opened with when it is needed (passthrough files).
     open_flags: int = os.O_RDONLY
+    # Opens sharing this handle number (index-only: more opens of one file than serials).
+    opens: int = 1
 
 
 class InodeTable:

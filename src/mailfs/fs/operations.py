@@ -191,9 +191,7 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int,  # type: ignore[override]
                       token: pyfuse3.ReaddirToken) -> None:
         log.debug("readdir fh=%d start=%d", fh, start_id)
-        listing = self.fs.dir_handles.get(fh)
-        if listing is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        listing = self.fs.listing(fh)
         if listing.entries is None or start_id == 0:
             listing.entries = await self.fs.list_directory(listing)
         for index, name, entry, node in self.fs.entries_from(listing, start_id):
@@ -204,7 +202,7 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def releasedir(self, fh: int) -> None:  # type: ignore[override]
         log.debug("releasedir fh=%d", fh)
-        self.fs.dir_handles.pop(fh, None)
+        self.fs.releasedir(fh)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:  # type: ignore[override]

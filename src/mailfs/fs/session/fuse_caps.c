@@ -21,16 +21,31 @@
  * a corrupted transaction log's header. The wrapper sets FH_APPENDING in the handle
  * number of every write whose file has O_APPEND at that moment (libfuse fills fi->flags
  * from the kernel's WRITE request), and mailfs takes the bit off again.
+ *
+ * And it lets a restarted daemon take over the FUSE connection of a crashed one
+ * (ARCHITECTURE.md, "A restarted daemon takes over its mount's connection"). The kernel
+ * sends INIT once per connection; a libfuse session on an adopted descriptor answers
+ * nothing before it has seen one. So this library keeps a copy of the kernel's INIT as
+ * it went through fuse_session_process_buf (mailfs stores it beside its state), and
+ * replays that copy into the new session. libfuse's answer to the replay fails with
+ * ENOENT (the kernel waits for no such request), which libfuse ignores.
  */
 #define FUSE_USE_VERSION 34
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <stdint.h>
 #include <string.h>
 
 #define FH_APPENDING (UINT64_C(1) << 62)
+#define FUSE_INIT_OPCODE 26
+/* fuse_in_header: len (4), opcode (4), unique, nodeid (8 each), uid, gid, pid (4 each)... */
+#define IN_HEADER_SIZE 40
+#define INIT_COPY_MAX 256
+
+typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *, size_t,
@@ -45,6 +60,9 @@ struct mailfs_fuse_caps {
 };
 
 static struct mailfs_fuse_caps caps;
+static struct fuse_session *wrapped_session;
+static unsigned char init_copy[INIT_COPY_MAX];
+static size_t init_copy_size;
 static unsigned clear_want;
 static struct fuse_lowlevel_ops wrapped_ops;
 static void (*filesystem_init)(void *, struct fuse_conn_info *);
@@ -118,5 +136,70 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         wrapped_ops.write_buf = write_buf_tagged;
     caps.writes_tagged = 1;
     caps.interposed = 1;
-    return libfuse_session_new(args, &wrapped_ops, op_size, userdata);
+    wrapped_session = libfuse_session_new(args, &wrapped_ops, op_size, userdata);
+    return wrapped_session;
+}
+
+static process_buf_fn libfuse_process_buf(void)
+{
+    static process_buf_fn found;
+    if (!found) {
+        void *libfuse = dlopen("libfuse3.so.3", RTLD_LAZY | RTLD_NOLOAD);
+        if (libfuse)
+            found = (process_buf_fn)dlvsym(libfuse, "fuse_session_process_buf", "FUSE_3.0");
+    }
+    return found;
+}
+
+static void copy_if_init(const struct fuse_buf *buf)
+{
+    uint32_t opcode;
+    if (init_copy_size || (buf->flags & FUSE_BUF_IS_FD) || buf->size < IN_HEADER_SIZE
+        || buf->size > INIT_COPY_MAX)
+        return;
+    memcpy(&opcode, (const char *)buf->mem + 4, sizeof(opcode));
+    if (opcode != FUSE_INIT_OPCODE)
+        return;
+    memcpy(init_copy, buf->mem, buf->size);
+    init_copy_size = buf->size;
+}
+
+void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
+{
+    process_buf_fn process = libfuse_process_buf();
+    if (se == wrapped_session)
+        copy_if_init(buf);
+    if (process)
+        process(se, buf);
+}
+
+/* The kernel's INIT of this connection: its size, copied into `out` if it fits. */
+size_t mailfs_init_request(unsigned char *out, size_t room)
+{
+    if (init_copy_size && init_copy_size <= room)
+        memcpy(out, init_copy, init_copy_size);
+    return init_copy_size;
+}
+
+/* Feed an earlier connection's INIT to this session (one on an adopted descriptor). */
+int mailfs_replay_init(const unsigned char *request, size_t size)
+{
+    static unsigned char copy[INIT_COPY_MAX];
+    struct fuse_buf buf;
+    uint32_t opcode;
+    process_buf_fn process = libfuse_process_buf();
+    if (!process || !wrapped_session)
+        return -ENOSYS;
+    if (size < IN_HEADER_SIZE || size > INIT_COPY_MAX)
+        return -EINVAL;
+    memcpy(&opcode, request + 4, sizeof(opcode));
+    if (opcode != FUSE_INIT_OPCODE)
+        return -EINVAL;
+    memcpy(copy, request, size);
+    memset(&buf, 0, sizeof(buf));
+    buf.size = size;
+    buf.mem = copy;
+    buf.fd = -1;
+    process(wrapped_session, &buf);
+    return caps.init_seen ? 0 : -EPROTO;
 }

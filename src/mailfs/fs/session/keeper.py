@@ -276,6 +276,16 @@ class EndRequest:
         cls.asked.set()
 
 
+class Adopted:
+    """SIGUSR2: a restarted daemon has taken the connection (mailfs/adoption.py). The
+    keeper exits at once, holding nothing and fencing no one; the daemon waits for that
+    before it asks the kernel to resend the requests read here."""
+
+    @staticmethod
+    def handle(_signum: int, _frame: object) -> None:
+        os._exit(0)
+
+
 class Scanner(threading.Thread):
     """Looks for the mount's users over and over. On a thread: a /proc read can wait on a
     process's mm lock, held by its fault on the held mount, and the hold must still end
@@ -373,6 +383,7 @@ def keeper_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, EndRequest.handle)
+    signal.signal(signal.SIGUSR2, Adopted.handle)
     mount = mount_identity(_read("/proc/self/mountinfo"), args.mountpoint)
     if mount is None:
         say("WARNING", f"{args.mountpoint} is not in the mount table; nothing to hold")
@@ -478,12 +489,20 @@ def argument(command: Sequence[str], option: str) -> str | None:
     return None
 
 
+def keeper_argument(pid: int, option: str) -> str | None:
+    """The value a keeper was started with for `option`."""
+    try:
+        return argument(_read(f"/proc/{pid}/cmdline").split("\0"), option)
+    except OSError:
+        return None
+
+
 def hold_seconds(pid: int) -> float | None:
     """The --hold a keeper was started with."""
+    value = keeper_argument(pid, "--hold")
     try:
-        value = argument(_read(f"/proc/{pid}/cmdline").split("\0"), "--hold")
         return float(value) if value is not None else None
-    except (OSError, ValueError):
+    except ValueError:
         return None
 
 
