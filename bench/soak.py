@@ -4,7 +4,11 @@ with a daemon killed every minute and one node's state disk filled once.
 Each node has an index-only mount (INDEX= and CONTROL= of its own Dovecot; sync durability)
 and all three Dovecots keep their mail in one shared directory, standing in for the shared
 mail store. Each Dovecot serves its own users. Every `--kill-every` seconds one node's
-daemon (a, b, c in turn) gets kill -9 and is mounted again at once; at `--fill-at` node c's
+daemon (a, b, c in turn) gets kill -9 and is started again at once: by default
+(`--after-kill adopt`) its Dovecot runs on and the new daemon adopts the held FUSE
+connection; `stop-dovecot` stops that node's Dovecot with the daemon and starts it again
+after a fresh mount; `dovecot-survives` leaves Dovecot running on a fresh mount (the dead
+one cleared). At `--fill-at` node c's
 state directory, a small tmpfs of its own, is filled to the last byte for `--fill-seconds`.
 
 It reports the daemons' RSS over time, IMAP errors (split into those of the node that was
@@ -54,6 +58,11 @@ CORRUPTION = re.compile(r"[Cc]orrupt|indexid changed|already exists, rebuilding|
 # for this long (Dovecot reopens its indexes, clients log in again).
 SETTLE_SECONDS = 15.0
 STATE_TMPFS = "64m"
+AFTER_KILL = {
+    "adopt": "Dovecot runs on, the next daemon adopts the held connection",
+    "stop-dovecot": "Dovecot stopped, fresh mount, Dovecot started",
+    "dovecot-survives": "Dovecot runs on, fresh mount (the dead one cleared)",
+}
 CONVERGE_TIMEOUT = 120.0
 
 
@@ -163,18 +172,20 @@ class Soak:
             stop.wait(0.5)
 
     def kill_and_restart(self, node: Node) -> None:
-        """kill -9 of the daemon, mounted again at once. Unless --dovecot-survives, the
-        node's Dovecot goes down with it and comes back after it, as the admin guide's
-        systemd units do: Dovecot processes that outlive their index mount hold dead files
-        and locks the new mount does not know, and their recovery writes corrupt the
-        indexes that the new mount serves."""
+        """kill -9 of the daemon, started again at once (see --after-kill). Without
+        adoption, Dovecot processes that outlive their index mount hold dead files and
+        locks the new mount does not know, and their recovery writes corrupt the indexes
+        that the new mount serves: `stop-dovecot` stops them, as systemd units without
+        adoption do."""
         event = Disturbance(node.node_id, "kill", time.time())
         self.disturbances.append(event)
         dovecot = self.dovecots[node.node_id]
-        follows = not self.args.dovecot_survives
-        self.log(f"kill -9 of node {node.node_id}'s daemon"
-                 + (" (its Dovecot stops with it)" if follows else ""))
-        node.kill()
+        follows = self.args.after_kill == "stop-dovecot"
+        self.log(f"kill -9 of node {node.node_id}'s daemon ({self.args.after_kill})")
+        if self.args.after_kill == "adopt":
+            node.crash()
+        else:
+            node.kill()
         if follows:
             dovecot.kill()
             kill_leftovers(dovecot.base_dir)
@@ -385,8 +396,7 @@ def report(soak: Soak, info: dict[str, str]) -> str:
         "", "machine:", *(f"  {k}: {v}" for k, v in info.items()), "",
         f"config: {soak.args.minutes:g} min, {soak.args.format}, {soak.args.clients} clients "
         f"and {soak.args.users} users per node, kill -9 every {soak.args.kill_every:g} s "
-        f"(a, b, c in turn; Dovecot "
-        f"{'kept running' if soak.args.dovecot_survives else 'stopped and started with it'}), "
+        f"(a, b, c in turn; after each: {AFTER_KILL[soak.args.after_kill]}), "
         f"node c's state disk ({STATE_TMPFS} tmpfs) full at "
         f"{soak.args.fill_at:g} s for {soak.args.fill_seconds:g} s",
         "", "disturbances:",
@@ -477,8 +487,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-every", type=float, default=2.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp"))
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--dovecot-survives", action="store_true",
-                        help="kill only the daemon and leave the node's Dovecot running")
+    parser.add_argument("--after-kill", choices=sorted(AFTER_KILL), default="adopt",
+                        help="what follows each kill -9 of a daemon")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

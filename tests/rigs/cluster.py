@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -107,6 +108,13 @@ class Node:
         if self.mount is not None:
             self.mount.kill()
             self.mount = None
+
+    def crash(self) -> None:
+        """kill -9 of the daemon alone: its keeper holds the mount for the next daemon."""
+        if self.mount is not None and self.mount.process is not None:
+            self.mount.process.send_signal(signal.SIGKILL)
+            self.mount.process.wait(timeout=30)
+        self.mount = None
 
     @property
     def running(self) -> bool:

@@ -65,7 +65,9 @@ class MailfsMount:
 
     def start(self) -> MailfsMount:
         for path in (self.backing, self.mountpoint, self.state_dir):
-            if path is not None:
+            # Not a mountpoint still mounted (a crashed daemon's, held for the next one to
+            # adopt): mkdir would ask that mount and wait with the rest of its callers.
+            if path is not None and not (path == self.mountpoint and is_mounted(path)):
                 path.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its life
         self.process = subprocess.Popen(

@@ -139,14 +139,17 @@ class IndexOnlyFS(MailFS):
     def _stored_directory(self, fid: int) -> Node | None:
         """A stored directory's node, placed under its parents. Its path comes from a map
         of all directories, built once and again if a directory has moved since."""
-        for rebuilt in (False, True):
-            if rebuilt or self._directory_paths is None:
-                self._directory_paths = self.store.directory_paths()
-            path = self._directory_paths.get(fid)
-            node = self._directory_at(path) if path is not None else None
-            if node is not None and node.fid == fid:
+        if self._directory_paths is not None:
+            node = self._directory_placed(fid, self._directory_paths)
+            if node is not None:
                 return node
-        return None
+        self._directory_paths = self.store.directory_paths()
+        return self._directory_placed(fid, self._directory_paths)
+
+    def _directory_placed(self, fid: int, paths: dict[int, bytes]) -> Node | None:
+        path = paths.get(fid)
+        node = self._directory_at(path) if path is not None else None
+        return node if node is not None and node.fid == fid else None
 
     def _directory_at(self, path: bytes) -> Node | None:
         node = self.table.nodes[ROOT]
