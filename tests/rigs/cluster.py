@@ -91,6 +91,8 @@ class Node:
 
     def start(self) -> Node:
         for path in (self.mountpoint, self.state_dir):
+            if path == self.mountpoint and is_mounted(path):
+                continue  # a crashed daemon's mount, held for the next one to adopt
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(0o755)
         backing = None if self.cluster.index_only else self.cluster.backing

@@ -14,6 +14,8 @@ without saying "unmounted", the keeper holds the connection: requests on the mou
 - once no process uses the mount any more (its files open or mapped, its directories as
   cwd or root), or every one left is already being killed: the supervisor stopped
   Dovecot;
+- when a restarted daemon of an index-only mount takes the connection over (SIGUSR2,
+  mailfs/adoption.py): the keeper exits at once, and the processes carry on;
 - when told to (SIGUSR1 from `mailfs umount` of the dead mount, which systemd's ExecStop
   runs after the crash), or after `hold` seconds at the latest (never freeze). With
   `fence`, the processes still using the mount are then killed, as a machine crash would:
@@ -21,8 +23,9 @@ without saying "unmounted", the keeper holds the connection: requests on the mou
   error reaches the indexes. Without, they get ENOTCONN.
 Then the keeper exits and its descriptor, the connection's last, closes.
 
-A new mount of the same state directory waits for a keeper that still holds
-(`wait_for_previous`), so the new daemon never serves beside processes of the old one.
+A new mount of the same state directory that does not adopt the connection waits for a
+keeper that still holds (`wait_for_previous`), so the new daemon never serves beside
+processes of the old one.
 
 This file runs as its own process (`python -I keeper.py`), so it imports only the
 standard library; `mailfs.fs.session.keeper` is the daemon's side of it.
