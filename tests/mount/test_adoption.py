@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rigs.mount import MailfsMount, force_unmount, is_mounted, run_cli
+from tests.rigs.mount import MailfsMount, force_unmount, is_mounted, mounted, run_cli
 
 # Holds a file and its directory open; runs one command per stdin line, prints the result.
 CHILD = textwrap.dedent("""
@@ -99,15 +99,19 @@ def index_mount(base: Path, request: pytest.FixtureRequest) -> Iterator[MailfsMo
     """Short kernel timeouts by default: a stat after the crash must reach the (dead)
     daemon. With the default ones the kernel goes on using the numbers it holds."""
     timeouts = ["-o", "index_timeout=0.1"] if request.param == "short timeouts" else []
-    mount = MailfsMount(None, base / "mnt", base / "state", ["-o", "crash_hold=60", *timeouts])
-    mount.start()
-    try:
+    with mounted(None, base / "mnt", base / "state",
+                 ["-o", "crash_hold=60", *timeouts]) as mount:
         yield mount
-    finally:
-        try:
-            mount.stop()
-        finally:
-            mount.kill()  # and the dead mount cleared: its keeper then has no one to hold
+
+
+def held_open(mount: MailfsMount, children: list[Child], relative: str,
+              content: bytes) -> tuple[Path, Child]:
+    """A file written on the mount and held open by a child; returns its folder too."""
+    path = mount.mountpoint / relative
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    children.append(Child(path))
+    return path.parent, children[-1]
 
 
 def status(mount: MailfsMount) -> dict[str, object] | None:
@@ -140,11 +144,7 @@ def restart(mount: MailfsMount) -> dict[str, object]:
 
 def test_calls_waiting_at_the_crash_complete_and_open_files_work_on(
         index_mount: MailfsMount, children: list[Child]) -> None:
-    user = index_mount.mountpoint / "alice"
-    user.mkdir()
-    (user / "dovecot.index").write_bytes(b"before the crash")
-    child = Child(user / "dovecot.index")
-    children.append(child)
+    user, child = held_open(index_mount, children, "alice/dovecot.index", b"before the crash")
     crash(index_mount)
     time.sleep(0.3)  # past the kernel's attribute timeout
     child.send("stat")
@@ -168,11 +168,7 @@ def test_calls_waiting_at_the_crash_complete_and_open_files_work_on(
 
 def test_an_unlinked_file_held_open_survives_the_takeover(
         index_mount: MailfsMount, children: list[Child]) -> None:
-    user = index_mount.mountpoint / "bob"
-    user.mkdir()
-    (user / "dovecot.index").write_bytes(b"the old index")
-    child = Child(user / "dovecot.index")
-    children.append(child)
+    user, child = held_open(index_mount, children, "bob/dovecot.index", b"the old index")
     (user / "dovecot.index.tmp").write_bytes(b"the new index, rewritten")
     os.rename(user / "dovecot.index.tmp", user / "dovecot.index")
     crash(index_mount)
@@ -236,11 +232,8 @@ def test_what_the_kernel_holds_is_found_by_number(
         index_mount: MailfsMount, children: list[Child]) -> None:
     """With the default timeouts the kernel asks no lookup again: it reads, lists and stats
     through the numbers the crashed daemon gave it, which the new one never handed out."""
-    folder = index_mount.mountpoint / "erin" / "index" / ".Sent"
-    folder.mkdir(parents=True)
-    (folder / "dovecot.index.log").write_bytes(b"log records")
-    child = Child(folder / "dovecot.index.log")
-    children.append(child)
+    folder, child = held_open(index_mount, children, "erin/index/.Sent/dovecot.index.log",
+                              b"log records")
     crash(index_mount)
     restart(index_mount)
     assert child.ask("read") == "log records", index_mount.log()

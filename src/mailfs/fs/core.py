@@ -162,8 +162,9 @@ class MailFS:
             await self.store.wait_installed(self.install_wait)
 
     def _fh(self, node: Node) -> int:
-        """A handle number for a new open of `node`, unused unless every number the mount
-        may give `node` is in use (then the open shares a handle: `Handle.opens`)."""
+        """A handle number for a new open of `node`: here a fresh one every time (a
+        passthrough handle holds its own descriptor); IndexOnlyFS derives it from the
+        inode, and an open may then share a handle (`Handle.opens`)."""
         fh = self._next_fh
         self._next_fh += 1
         return fh

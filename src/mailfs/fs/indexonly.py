@@ -85,11 +85,15 @@ class IndexOnlyFS(MailFS):
         return fh
 
     def _node(self, inode: int) -> Node:
+        node = self._resolved(inode)
+        if node is None:
+            raise oserror(errno.ENOENT)
+        return node
+
+    def _resolved(self, inode: int) -> Node | None:
         node = self.table.nodes.get(inode)
         if node is None and self.adopted:
             node = self._known_before(inode)
-        if node is None:
-            raise oserror(errno.ENOENT)
         return node
 
     def _dir(self, inode: int) -> Node:
@@ -164,10 +168,7 @@ class IndexOnlyFS(MailFS):
 
     def _handle_known_before(self, fh: int) -> Handle | None:
         """A file handle the crashed daemon gave the kernel: its number holds the inode."""
-        inode = inode_of_handle(fh)
-        node = self.table.nodes.get(inode)
-        if node is None:
-            node = self._known_before(inode)
+        node = self._resolved(inode_of_handle(fh))
         if node is None or node.kind is not Kind.REPLICATED:
             return None
         handle = self.handles[fh] = Handle(fh, node, None)
