@@ -144,6 +144,9 @@ class Config:
     reconnect_interval: float = 1.0
     # Local changes wait this long while a peer's snapshot is installed, then get EAGAIN.
     install_wait: float = 30.0
+    # A change refused because the state disk is full waits this long for room, then gets
+    # ENOSPC; 0: at once, as on a full local disk (fs/fulldisk.py).
+    full_disk_wait: float = 60.0
     # Each user directory (the first `ownership_depth` path components; 0: no ownership)
     # has one owner node; see cachemgr/ownership.py. "availability": any node may take a
     # user over; "consistency": no writes without a majority of the cluster.
@@ -175,7 +178,7 @@ SECTIONS: dict[str, dict[str, str]] = {
               "crash_hold": "seconds", "crash_fence": "bool", "adopt_connection": "bool"},
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
               "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
-    "commit": {"interval": "seconds", "max_pending": "size"},
+    "commit": {"interval": "seconds", "max_pending": "size", "full_disk_wait": "seconds"},
     "backing": {"threads": "count", "timeout": "seconds", "inodes": "choice",
                 "calls": "choice"},
     "classify": {"replicated": "patterns", "volatile": "patterns"},

@@ -119,6 +119,7 @@ class Daemon:
             self.fs: MailFS = IndexOnlyFS(
                 self.store, self.backing, Classifier(("*",), config.volatile), timeouts,
                 import_on_access=False, install_wait=config.install_wait,
+                full_disk_wait=config.full_disk_wait,
                 root_stat=(adopted.record.root_stat if adopted is not None
                            else os.stat(config.mountpoint)),
                 state_dir=str(config.state_dir),
@@ -130,7 +131,7 @@ class Daemon:
             self.fs = MailFS(
                 self.store, self.backing, Classifier(config.replicated, config.volatile),
                 timeouts, import_on_access=config.import_on_access,
-                install_wait=config.install_wait,
+                install_wait=config.install_wait, full_disk_wait=config.full_disk_wait,
             )
             self.backing_fs_type = filesystem_type(config.backing)
             self.fs.table.stable_inodes = stable_inodes(config.backing_inodes,

@@ -23,6 +23,8 @@ from tests.rigs.mount import MailfsMount, run_cli
 MakeMount = Callable[..., MailfsMount]
 # No periodic commit during a test: what a test writes stays in the journal until it says.
 NO_AUTO_COMMIT = ("-o", "commit_interval=600")
+# What a full disk refuses, as on ext4: without the default wait for room (fs/fulldisk.py).
+NO_HOLD = ("-o", "full_disk_wait=0")
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -211,7 +213,7 @@ def fill(path: Path) -> None:
 
 def test_full_disk_gives_enospc_and_loses_nothing(dirs: Dirs, small_disk: Path) -> None:
     state = small_disk / "state"
-    mount = MailfsMount(dirs.backing, dirs.mnt, state, ("-o", "commit_interval=60"))
+    mount = MailfsMount(dirs.backing, dirs.mnt, state, ("-o", "commit_interval=60", *NO_HOLD))
     mount.start()
     try:
         safe = mount.mountpoint / "dovecot.index"
@@ -263,8 +265,10 @@ def test_full_disk_gives_enospc_and_loses_nothing(dirs: Dirs, small_disk: Path) 
 
 @pytest.fixture
 def small_disk_mount(dirs: Dirs, small_disk: Path) -> Iterator[MailfsMount]:
-    """A mount whose state directory is on the small disk, with no periodic commit."""
-    mount = MailfsMount(dirs.backing, dirs.mnt, small_disk / "state", NO_AUTO_COMMIT,
+    """A mount whose state directory is on the small disk, with no periodic commit, that
+    refuses what a full disk refuses at once."""
+    mount = MailfsMount(dirs.backing, dirs.mnt, small_disk / "state",
+                        (*NO_AUTO_COMMIT, *NO_HOLD),
                         log_path=dirs.state.parent / "small-disk-mailfs.log")
     mount.start()
     try:
@@ -439,6 +443,117 @@ def test_overwrites_on_a_full_disk_leave_reserve_for_renames_and_truncates(
     mount.start()
     assert (root / "dovecot.index").read_bytes() == b"new index"
     assert not (root / "dovecot.index.log").exists()
+
+
+# Appends stdin to the file argv[1] in one write: a child process, so that a write held by
+# the mount can be killed if the test fails.
+APPEND_STDIN = textwrap.dedent("""
+    import sys
+    data = sys.stdin.buffer.read()
+    with open(sys.argv[1], "ab") as handle:
+        handle.write(data)  # buffered: retries short writes
+""")
+
+
+def append_all(path: Path, data: bytes) -> None:
+    """Like a writer that retries short writes: the kernel splits a big write into
+    requests, and a full disk may refuse only a later one."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def start_append(path: Path, data: bytes) -> subprocess.Popen[bytes]:
+    child = subprocess.Popen([sys.executable, "-c", APPEND_STDIN, str(path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    assert child.stdin is not None
+    child.stdin.write(data)
+    child.stdin.close()
+    return child
+
+
+def test_a_full_state_disk_holds_changes_until_there_is_room(
+        dirs: Dirs, small_disk: Path) -> None:
+    """With the default full_disk_wait, a write the full disk refuses waits for room and
+    then succeeds: Dovecot never sees ENOSPC from a brief spell. Reads and status go on
+    meanwhile (never freeze)."""
+    mount = MailfsMount(dirs.backing, dirs.mnt, small_disk / "state", NO_AUTO_COMMIT,
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
+    mount.start()
+    writer: subprocess.Popen[bytes] | None = None
+    try:
+        root = mount.mountpoint
+        cache = root / "dovecot.index.cache"
+        cache.write_bytes(b"header")
+        (root / "dovecot.index").write_bytes(b"index")
+        fill_to_the_last_page(small_disk / "filler")
+        appended = os.urandom(256 << 10)
+        writer = start_append(cache, appended)
+        wait_for(lambda: status(mount)["full_disk_holding"] == 1, timeout=30,
+                 what="the append to be held")
+        assert (root / "dovecot.index").read_bytes() == b"index"
+        assert status(mount)["state_disk_full"] is True
+        assert writer.poll() is None, "the append was not held"
+        (small_disk / "filler").unlink()
+        assert writer.wait(timeout=60) == 0, writer.stderr.read().decode()  # type: ignore[union-attr]
+        assert cache.read_bytes() == b"header" + appended
+        counts = status(mount)
+        assert counts["full_disk_went_on"] >= 1
+        assert counts["full_disk_refused"] == 0
+        assert counts["full_disk_holding"] == 0
+        assert "state disk full: changes to index files wait" in mount.log()
+        mount.stop()
+        mount.start()
+        assert cache.read_bytes() == b"header" + appended
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        mount.stop()
+        mount.kill()
+
+
+def test_a_state_disk_that_stays_full_fails_changes_after_the_wait(
+        dirs: Dirs, small_disk: Path) -> None:
+    """The wait is bounded: after full_disk_wait the change fails with ENOSPC, and later
+    changes in the same spell fail at once instead of each waiting again. Once there is
+    room, changes succeed, and nothing written before is lost."""
+    mount = MailfsMount(dirs.backing, dirs.mnt, small_disk / "state",
+                        (*NO_AUTO_COMMIT, "-o", "full_disk_wait=2"),
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
+    mount.start()
+    try:
+        root = mount.mountpoint
+        cache = root / "dovecot.index.cache"
+        cache.write_bytes(b"header")
+        fill_to_the_last_page(small_disk / "filler")
+        refusals = 0
+        for attempt in range(2):
+            with pytest.raises(OSError) as refused:
+                append_all(cache, os.urandom(256 << 10))
+            assert refused.value.errno == errno.ENOSPC
+            counts = status(mount)
+            assert counts["full_disk_held"] == 1, f"attempt {attempt} waited again"
+            assert counts["full_disk_refused"] > refusals
+            refusals = counts["full_disk_refused"]
+        assert counts["full_disk_longest_hold_s"] >= 1.5
+        assert "state disk still full after 2 s" in mount.log()
+        (small_disk / "filler").unlink()
+        appended = os.urandom(256 << 10)
+        before = cache.read_bytes()  # with what the refused appends wrote before failing
+        append_all(cache, appended)
+        assert cache.read_bytes() == before + appended
+        mount.stop()
+        mount.start()
+        assert cache.read_bytes() == before + appended
+    finally:
+        mount.stop()
+        mount.kill()
 
 
 def test_corrupt_journal_does_not_stop_later_replays(make_mount: MakeMount, dirs: Dirs) -> None:

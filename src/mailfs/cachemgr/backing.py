@@ -28,6 +28,7 @@ and the root probe still go to the pool.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import logging
 import os
@@ -99,6 +100,10 @@ LOCAL_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs", 
 # Every this many inline calls, the caller first yields to the other trio tasks, so that a
 # long run of backing calls (an import, a big scan) never starves index requests.
 INLINE_STREAK = 32
+
+# Backing-store calls made by the current trio task (see journal.APPENDED_BY_TASK): a
+# request that has called the store may have changed it, and must not simply run again.
+CALLS_BY_TASK: contextvars.ContextVar[int] = contextvars.ContextVar("calls_by_task", default=0)
 
 
 def inline_calls(setting: str, fs_type: str) -> bool:
@@ -365,6 +370,7 @@ class Backing:
         job = _Job(fn, args, trio.lowlevel.current_task(), cleanup, name)
         job.rated = rated
         self.stats.calls += 1
+        CALLS_BY_TASK.set(CALLS_BY_TASK.get() + 1)
         self.stats.by_call[job.name] += 1
         if quick:
             answer = self._wait_briefly(job)
@@ -398,6 +404,7 @@ class Backing:
             await trio.lowlevel.checkpoint()
         name = name or fn.__name__
         self.stats.calls += 1
+        CALLS_BY_TASK.set(CALLS_BY_TASK.get() + 1)
         self.stats.inline_calls += 1
         self.stats.by_call[name] += 1
         started = time.monotonic()

@@ -17,6 +17,7 @@ of such space-neutral changes only. It is made whole again once there is room.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -43,6 +44,12 @@ ROOM_AGAIN = 1 << 20
 # unlike on ext4, and a busy Dovecot would use up the whole reserve within seconds.
 RESERVE_FLOOR = 4 << 20
 
+# Records appended by the current trio task. Each FUSE request runs in a task of its own
+# context, so a request refused for want of space can tell that it changed nothing and may
+# run again (fs/fulldisk.py).
+APPENDED_BY_TASK: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "appended_by_task", default=0)
+
 
 class Journal:
     def __init__(self, directory: Path) -> None:
@@ -61,10 +68,21 @@ class Journal:
         # by piece and the undo that needed it fails (seen in the soak run).
         self.reserve_loose = 0
         self.overwrite_loose = 0  # the same, given up for overwrites
-        # Set by a record refused for want of space, cleared once there is room again.
-        self.out_of_space = False
+        self._out_of_space = False
+        self.full_spells = 0  # times the state disk has been found full
         self._space_checked = 0.0
         self.freed = 0  # bytes deleted or truncated away while the disk is full
+
+    @property
+    def out_of_space(self) -> bool:
+        """Set by a record refused for want of space, cleared once there is room again."""
+        return self._out_of_space
+
+    @out_of_space.setter
+    def out_of_space(self, value: bool) -> None:
+        if value and not self._out_of_space:
+            self.full_spells += 1
+        self._out_of_space = value
 
     def generations(self) -> list[int]:
         found = []
@@ -156,6 +174,7 @@ class Journal:
                 self.out_of_space = True
             raise
         self.seq = record.seq
+        APPENDED_BY_TASK.set(APPENDED_BY_TASK.get() + 1)
         return record, data
 
     def append_group(self, changes: list[tuple[Op, tuple[Field, ...]]]
@@ -169,6 +188,7 @@ class Journal:
         self._write_new_space(b"".join(encoded))
         self.out_of_space = False
         self.seq = records[-1].seq
+        APPENDED_BY_TASK.set(APPENDED_BY_TASK.get() + len(records))
         return list(zip(records, encoded, strict=True))
 
     def _write_in_reserve(self, data: bytes, undo: bool) -> None:

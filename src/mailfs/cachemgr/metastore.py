@@ -680,8 +680,9 @@ class MetaStore:
             self.stats.journal_errors += 1
             if time.monotonic() - self._journal_error_logged > 10:
                 self._journal_error_logged = time.monotonic()
-                log.error("cannot journal a change to an index file (%s): the writer gets "
-                          "%s and nothing is changed", exc, errno.errorcode.get(exc.errno or 0))
+                log.error("cannot journal a change to an index file (%s): nothing is changed; "
+                          "the writer gets %s (on a full state disk, after waiting "
+                          "full_disk_wait for room)", exc, errno.errorcode.get(exc.errno or 0))
             raise
         self._apply_own(record, data)
         if self.journal.bytes_since_rotate >= self.commit_bytes:

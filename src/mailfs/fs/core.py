@@ -35,6 +35,7 @@ from mailfs.cachemgr.ownership import user_of
 from mailfs.cachemgr.records import Attrs, Op, Record, key_problem, path_problem
 from mailfs.fs.classifier import Classifier, FileClass
 from mailfs.fs.freshness import Freshness
+from mailfs.fs.fulldisk import FullDiskHold
 from mailfs.fs.held_names import HeldNames
 from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.listings import ListingCache
@@ -114,6 +115,7 @@ class MailFS:
         timeouts: Timeouts,
         import_on_access: bool = True,
         install_wait: float = 30.0,
+        full_disk_wait: float = 60.0,
     ) -> None:
         self.store = store
         self.backing = backing
@@ -122,6 +124,7 @@ class MailFS:
         self.import_on_access = import_on_access
         # How long a change waits while a peer's snapshot is installed, before EAGAIN.
         self.install_wait = install_wait
+        self.full_disk = FullDiskHold(store.journal, full_disk_wait)
         self.table = InodeTable()
         self.volatile: dict[tuple[bytes, bytes], VolatileFile] = {}
         self.handles: dict[int, Handle] = {}
@@ -1724,6 +1727,7 @@ class MailFS:
             "opens_completed": self.opens_completed,
             "kernel_names_held": len(self.held_names),
             "kernel_names_forgotten_early": self.held_names.forgotten,
+            **self.full_disk.counts(),
         }
 
 

@@ -51,6 +51,17 @@ def fuse_errors(handler: F) -> F:
     return cast(F, wrapper)
 
 
+def held_on_full_disk(handler: F) -> F:
+    """For requests that change something: refused for want of room on the state disk,
+    one waits for room (bounded) and runs again (fs/fulldisk.py)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Operations, *args: Any, **kwargs: Any) -> Any:
+        return await self.fs.full_disk.run(functools.partial(handler, self, *args, **kwargs))
+
+    return cast(F, wrapper)
+
+
 def caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid, ctx.umask, ctx.pid)
 
@@ -84,6 +95,7 @@ class Operations(pyfuse3.Operations):
         return await self.fs.getattr(inode)
 
     @fuse_errors
+    @held_on_full_disk
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,  # type: ignore[override]
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -91,24 +103,28 @@ class Operations(pyfuse3.Operations):
         return await self.fs.setattr(inode, attr, fields, fh, caller(ctx))
 
     @fuse_errors
+    @held_on_full_disk
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,  # type: ignore[override]
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         log.debug("mkdir %d %r", parent_inode, name)
         return await self.fs.mkdir(parent_inode, name, mode, caller(ctx))
 
     @fuse_errors
+    @held_on_full_disk
     async def unlink(self, parent_inode: int, name: bytes,  # type: ignore[override]
                      ctx: pyfuse3.RequestContext) -> None:
         log.debug("unlink %d %r", parent_inode, name)
         await self.fs.unlink(parent_inode, name)
 
     @fuse_errors
+    @held_on_full_disk
     async def rmdir(self, parent_inode: int, name: bytes,  # type: ignore[override]
                     ctx: pyfuse3.RequestContext) -> None:
         log.debug("rmdir %d %r", parent_inode, name)
         await self.fs.rmdir(parent_inode, name)
 
     @fuse_errors
+    @held_on_full_disk
     async def rename(self, parent_inode_old: int, name_old: bytes,  # type: ignore[override]
                      parent_inode_new: int, name_new: bytes, flags: int,
                      ctx: pyfuse3.RequestContext) -> None:
@@ -117,18 +133,21 @@ class Operations(pyfuse3.Operations):
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @fuse_errors
+    @held_on_full_disk
     async def link(self, inode: int, new_parent_inode: int,  # type: ignore[override]
                    new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         log.debug("link %d -> %d %r", inode, new_parent_inode, new_name)
         return await self.fs.link(inode, new_parent_inode, new_name)
 
     @fuse_errors
+    @held_on_full_disk
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,  # type: ignore[override]
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         log.debug("symlink %d %r -> %r", parent_inode, name, target)
         return await self.fs.symlink(parent_inode, name, target, caller(ctx))
 
     @fuse_errors
+    @held_on_full_disk
     async def mknod(self, parent_inode: int, name: bytes, mode: int,  # type: ignore[override]
                     rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         log.debug("mknod %d %r mode=%o rdev=%d", parent_inode, name, mode, rdev)
@@ -141,6 +160,7 @@ class Operations(pyfuse3.Operations):
         return await self.fs.readlink(inode)
 
     @fuse_errors
+    @held_on_full_disk
     async def open(self, inode: int, flags: int,  # type: ignore[override]
                    ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         log.debug("open %d flags=%o", inode, flags)
@@ -148,6 +168,7 @@ class Operations(pyfuse3.Operations):
         return await self.fs.open(inode, flags, caller(ctx) if flags & os.O_TRUNC else None)
 
     @fuse_errors
+    @held_on_full_disk
     async def create(self, parent_inode: int, name: bytes, mode: int,  # type: ignore[override]
                      flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -160,6 +181,7 @@ class Operations(pyfuse3.Operations):
         return await self.fs.read(fh, off, size)
 
     @fuse_errors
+    @held_on_full_disk
     async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
         appending = bool(fh & session.FH_APPENDING)
         fh &= ~session.FH_APPENDING
