@@ -18,7 +18,9 @@ Setups:
 - `tmpfs`: INDEX=/CONTROL= directly on the tmpfs (what ext4 or XFS would do: a write that
   needs a new block fails, an overwrite or truncate within the file's blocks succeeds);
 - `mailfs`: INDEX=/CONTROL= on an index-only mailfs mount whose state directory is on the
-  tmpfs.
+  tmpfs; a change the full disk refuses waits for room (`full_disk_wait`, 60 s);
+- `mailfs-enospc`: the same with `full_disk_wait = 0`: refused changes get ENOSPC at once,
+  as on the tmpfs.
 
 Not part of `make test`:
 
@@ -59,7 +61,8 @@ from tests.rigs.dovecot import Dovecot, prepare_mail_root  # noqa: E402
 from tests.rigs.mount import MailfsMount  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETUPS = ("tmpfs", "mailfs")
+SETUPS = ("tmpfs", "mailfs", "mailfs-enospc")
+MOUNT_OPTIONS = {"mailfs": (), "mailfs-enospc": ("-o", "full_disk_wait=0")}
 TMPFS_SIZE = "64m"
 
 
@@ -100,7 +103,7 @@ def run_setup(setup: str, fmt: str, root: Path, args: argparse.Namespace) -> Out
             index_root = prepare_mail_root(disk / "index")
         else:
             index_root = prepare_mail_root(root / "mnt")
-            mount = MailfsMount(None, index_root, disk / "state", (),
+            mount = MailfsMount(None, index_root, disk / "state", MOUNT_OPTIONS[setup],
                                 log_path=root / "mailfs.log").start()
             stack.callback(mount.kill)
             stack.callback(mount.stop)
@@ -197,14 +200,14 @@ def report(outcomes: Sequence[Outcome], args: argparse.Namespace, info: dict[str
         f"config: {args.seconds:g} s of IMAP load, {args.clients} clients over {args.users} "
         f"users; {how}",
         "",
-        f"{'setup':8} {'format':7} {'ops':>7} {'client errors':>18} {'Dovecot lines':>18} "
+        f"{'setup':13} {'format':7} {'ops':>7} {'client errors':>18} {'Dovecot lines':>18} "
         f"{'of them corruption':>20}",
-        f"{'':8} {'':7} {'':>7} {'window / after':>18} {'window / after':>18} "
+        f"{'':13} {'':7} {'':>7} {'window / after':>18} {'window / after':>18} "
         f"{'window / after':>20}",
     ]
     for o in outcomes:
         lines.append(
-            f"{o.setup:8} {o.mail_format:7} {o.ops:7} "
+            f"{o.setup:13} {o.mail_format:7} {o.ops:7} "
             f"{o.client_errors_in_window:>9} / {o.client_errors_after:<6} "
             f"{o.dovecot_lines_in_window:>9} / {o.dovecot_lines_after:<6} "
             f"{o.corruption_lines_in_window:>10} / {o.corruption_lines_after:<7}")
