@@ -15,10 +15,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.imap_load import LoadConfig, run_load
+from bench.imap_load import LoadConfig, LoadResult, run_load
 from tests.dovecot.test_dovecot_imap import _changes, _snapshot, _workload
 from tests.dovecot.test_shared_mailbox_load import MAILDIR_OWN_RACE
 from tests.mount.test_durability import fill_to_the_last_page
@@ -93,6 +94,30 @@ def layout(request: pytest.FixtureRequest) -> Iterator[Layout]:
         yield running
 
 
+def start_load(layout: Layout, seconds: float, results: list[LoadResult]) -> threading.Thread:
+    """Three IMAP clients on one user for `seconds`; the result goes into `results`."""
+    config = LoadConfig(port=layout.dovecot.port, users=["alice"],
+                        password=DEFAULT_USERS["alice"], clients=3, duration=seconds,
+                        populate=15)
+    load = threading.Thread(target=lambda: results.append(run_load(config)))
+    load.start()
+    return load
+
+
+def assert_no_client_errors(results: list[LoadResult]) -> None:
+    assert results, "the load never finished"
+    result = results[0]
+    assert result.fatal == []
+    assert result.total_errors == 0, result.error_samples()
+    assert result.verified > 0
+
+
+def mount_status(mount: MailfsMount) -> dict[str, Any]:
+    status = run_cli("status", str(mount.mountpoint), "--json")
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)  # type: ignore[no-any-return]
+
+
 def index_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("dovecot*") if p.is_file()]
 
@@ -121,11 +146,8 @@ def test_restart_keeps_uids_flags_and_uidvalidity(layout: Layout, how: str) -> N
 def test_dovecot_rides_through_a_daemon_crash(layout: Layout) -> None:
     """kill -9 of the index-only daemon under IMAP load, Dovecot left running: the next
     daemon adopts the held connection, and neither the clients nor Dovecot's log see it."""
-    config = LoadConfig(port=layout.dovecot.port, users=["alice"],
-                        password=DEFAULT_USERS["alice"], clients=3, duration=14, populate=15)
-    results = []
-    load = threading.Thread(target=lambda: results.append(run_load(config)))
-    load.start()
+    results: list[LoadResult] = []
+    load = start_load(layout, seconds=14, results=results)
     time.sleep(6)
     mount = layout.index_mount
     assert mount.process is not None
@@ -134,14 +156,8 @@ def test_dovecot_rides_through_a_daemon_crash(layout: Layout) -> None:
     time.sleep(1)  # the clients wait meanwhile
     mount.start()  # the mountpoint is still mounted: this returns at once
     load.join(timeout=300)
-    assert results, "the load never finished"
-    result = results[0]
-    assert result.fatal == []
-    assert result.total_errors == 0, result.error_samples()
-    assert result.verified > 0
-    status = run_cli("status", str(mount.mountpoint), "--json")
-    assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["connection_adopted"] is True
+    assert_no_client_errors(results)
+    assert mount_status(mount)["connection_adopted"] is True
     assert layout.problems() == []
 
 
@@ -152,12 +168,8 @@ def test_a_brief_full_state_disk_costs_dovecot_nothing(mail_format: str) -> None
     error and rebuilds nothing. (With ENOSPC it logs thousands of errors and corrupted
     caches: bench/results/full_disk.txt.)"""
     with running_layout(mail_format, state_disk_size="64m") as layout:
-        config = LoadConfig(port=layout.dovecot.port, users=["alice"],
-                            password=DEFAULT_USERS["alice"], clients=3, duration=16,
-                            populate=15)
-        results = []
-        load = threading.Thread(target=lambda: results.append(run_load(config)))
-        load.start()
+        results: list[LoadResult] = []
+        load = start_load(layout, seconds=16, results=results)
         filler = layout.index_mount.state_dir / "filler"
         try:
             time.sleep(5)
@@ -166,14 +178,8 @@ def test_a_brief_full_state_disk_costs_dovecot_nothing(mail_format: str) -> None
         finally:
             filler.unlink(missing_ok=True)
             load.join(timeout=300)
-        assert results, "the load never finished"
-        result = results[0]
-        assert result.fatal == []
-        assert result.total_errors == 0, result.error_samples()
-        assert result.verified > 0
-        status = run_cli("status", str(layout.index_mount.mountpoint), "--json")
-        assert status.returncode == 0, status.stderr
-        counts = json.loads(status.stdout)
+        assert_no_client_errors(results)
+        counts = mount_status(layout.index_mount)
         assert counts["full_disk_held"] > 0, "the disk never filled up under the load"
         assert counts["full_disk_refused"] == 0
         # mailfs's own alarms for the admin about the full disk are expected, nothing else.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,9 +53,17 @@ def store(tmp_path: Path) -> Iterator[MetaStore]:
     store.close()
 
 
-def refuse_room_checks_for_a_second(store: MetaStore) -> None:
-    # The journal looks at the disk at most once a second after a refusal.
-    store.journal._space_checked = 0.0
+async def run_held_until_room(hold: FullDiskHold, disk: Disk,
+                              attempt: Callable[[], Awaitable[object]]) -> None:
+    """Run `attempt` on a full disk, see it held, then make room and let it finish."""
+    disk.full = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold.run, attempt)
+        await trio.sleep(0.2)
+        assert hold.holding == 1
+        disk.full = False
+        # The journal looks at the disk at most once a second after a refusal.
+        hold.journal._space_checked = 0.0
 
 
 async def test_a_refused_change_waits_for_room_and_runs_again(
@@ -71,14 +79,7 @@ async def test_a_refused_change_waits_for_room_and_runs_again(
         store.write(stored, stored.size, b"record")
         return stored.size
 
-    disk.full = True
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(hold.run, append)
-        await trio.sleep(0.5)
-        assert hold.holding == 1
-        assert attempts == 1
-        disk.full = False
-        refuse_room_checks_for_a_second(store)
+    await run_held_until_room(hold, disk, append)
     assert attempts == 2
     assert bytes(store.get(stored.fid).content) == b"record"
     assert (hold.held, hold.went_on, hold.refused, hold.holding) == (1, 1, 0, 0)
@@ -163,16 +164,10 @@ async def test_a_spell_that_outlasts_the_wait_refuses_at_once_until_room(
     assert (hold.held, hold.refused) == (1, 3)
     assert hold.refusing()
     disk.full = False
-    refuse_room_checks_for_a_second(store)
+    hold.journal._space_checked = 0.0  # as in run_held_until_room
     await hold.run(append)  # the journal finds room: this spell is over
     assert not hold.refusing()
-    disk.full = True
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(hold.run, append)
-        await trio.sleep(0.1)
-        assert hold.holding == 1, "a new spell holds changes again"
-        disk.full = False
-        refuse_room_checks_for_a_second(store)
+    await run_held_until_room(hold, disk, append)  # a new spell holds changes again
     assert (hold.held, hold.went_on) == (2, 1)
     assert bytes(store.get(stored.fid).content) == b"x" * 200
 
