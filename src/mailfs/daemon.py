@@ -393,6 +393,7 @@ class Daemon:
 
     async def _stop_on(self, signum: int) -> None:
         log.info("got signal %d: committing and unmounting", signum)
+        self.fs.full_disk.stop()
         try:
             await self.store.commit()
         except OSError as exc:

@@ -458,7 +458,7 @@ APPEND_STDIN = textwrap.dedent("""
 def append_all(path: Path, data: bytes) -> None:
     """Like a writer that retries short writes: the kernel splits a big write into
     requests, and a full disk may refuse only a later one."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -551,6 +551,76 @@ def test_a_state_disk_that_stays_full_fails_changes_after_the_wait(
         mount.stop()
         mount.start()
         assert cache.read_bytes() == before + appended
+    finally:
+        mount.stop()
+        mount.kill()
+
+
+def use_up_the_journal_page(path: Path) -> None:
+    """Append to a file until the full disk refuses even a small record: the journal's
+    last page is used up. (Appends within the file's last block count as overwrites, which
+    the reserve takes: hence the many small ones.)"""
+    for size in (16 << 10, 1 << 10, 64):
+        with pytest.raises(OSError) as refused:  # noqa: PT012 - appends until refused
+            for _ in range(4096):
+                append_all(path, os.urandom(size))
+        assert refused.value.errno == errno.ENOSPC
+
+
+def test_a_directory_rename_on_a_full_disk_keeps_the_index_files_below(
+        dirs: Dirs, small_disk: Path) -> None:
+    """An index-only directory rename is two records: the directory's own entry, then the
+    names below it. Only the first used to be space-neutral, so on a full disk the
+    directory moved and its index files stayed under the old path, orphaned and lost."""
+    mount = MailfsMount(None, dirs.mnt, small_disk / "state", (*NO_AUTO_COMMIT, *NO_HOLD),
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
+    mount.start()
+    try:
+        root = mount.mountpoint
+        # Long names: the record for the names below must not fit where an append of one
+        # byte did not.
+        old, new = root / ("INBOX-" + "i" * 150), root / ("Archive-" + "a" * 150)
+        old.mkdir()
+        (old / "dovecot.index").write_bytes(b"index of INBOX")
+        (old / "dovecot.index.log").write_bytes(b"log" * 1000)
+        fill_to_the_last_page(small_disk / "filler")
+        use_up_the_journal_page(root / "dovecot.index.cache")
+        os.rename(old, new)
+        assert sorted(os.listdir(new)) == ["dovecot.index", "dovecot.index.log"]
+        assert (new / "dovecot.index").read_bytes() == b"index of INBOX"
+        (small_disk / "filler").unlink()
+        mount.stop()
+        mount.start()
+        assert not old.exists()
+        assert (new / "dovecot.index").read_bytes() == b"index of INBOX"
+        assert (new / "dovecot.index.log").read_bytes() == b"log" * 1000
+    finally:
+        mount.stop()
+        mount.kill()
+
+
+def test_a_mkdir_on_a_full_state_disk_succeeds_when_the_directory_was_made(
+        dirs: Dirs, small_disk: Path) -> None:
+    """Full overlay: the backing mkdir has happened before the store notes the directory
+    as imported; a full state disk used to turn that note into ENOSPC for a directory that
+    exists (and a retry into EEXIST)."""
+    mount = MailfsMount(dirs.backing, dirs.mnt, small_disk / "state",
+                        (*NO_AUTO_COMMIT, *NO_HOLD),
+                        log_path=dirs.state.parent / "small-disk-mailfs.log")
+    mount.start()
+    try:
+        root = mount.mountpoint
+        (root / "dovecot.index.log").write_bytes(b"log" * 1000)  # the root is imported
+        fill_to_the_last_page(small_disk / "filler")
+        use_up_the_journal_page(root / "dovecot.index.cache")
+        (root / "Drafts").mkdir()
+        assert (dirs.backing / "Drafts").is_dir()
+        assert os.listdir(root / "Drafts") == []
+        (small_disk / "filler").unlink()
+        (root / "Drafts" / "dovecot.index").write_bytes(b"drafts index")
+        mount.stop()
+        mount.start()
+        assert (root / "Drafts" / "dovecot.index").read_bytes() == b"drafts index"
     finally:
         mount.stop()
         mount.kill()

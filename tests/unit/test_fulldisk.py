@@ -15,20 +15,22 @@ import trio
 from mailfs.cachemgr import journal as journal_module
 from mailfs.cachemgr.backing import Backing
 from mailfs.cachemgr.metastore import MetaStore
-from mailfs.fs.fulldisk import FullDiskHold
+from mailfs.fs.fulldisk import MAX_HOLDING, FullDiskHold
 
 MODE = stat.S_IFREG | 0o600
 
 
 class Disk:
-    """The state disk as the journal sees it: full or not."""
+    """The state disk as the journal sees it: full or not. `lucky`: full, but a write
+    still fits (the last page of the journal file, say)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.full = False
+        self.lucky = False
         real_write, real_statvfs = os.write, os.statvfs
 
         def write(fd: int, data: bytes) -> int:
-            if self.full:
+            if self.full and not self.lucky:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_write(fd, data)
 
@@ -62,14 +64,12 @@ async def run_held_until_room(hold: FullDiskHold, disk: Disk,
         await trio.sleep(0.2)
         assert hold.holding == 1
         disk.full = False
-        # The journal looks at the disk at most once a second after a refusal.
-        hold.journal._space_checked = 0.0
 
 
 async def test_a_refused_change_waits_for_room_and_runs_again(
         store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
     disk = Disk(monkeypatch)
-    hold = FullDiskHold(store.journal, wait=30)
+    hold = FullDiskHold(store, wait=30)
     stored = store.create(b"", b"dovecot.index.log", MODE, 8, 8)
     attempts = 0
 
@@ -89,7 +89,7 @@ async def test_a_change_that_journaled_a_record_is_not_run_again(
         store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Running it again would apply its first record twice."""
     disk = Disk(monkeypatch)
-    hold = FullDiskHold(store.journal, wait=30)
+    hold = FullDiskHold(store, wait=30)
     first = store.create(b"", b"dovecot.index", MODE, 8, 8)
     second = store.create(b"", b"dovecot.index.log", MODE, 8, 8)
     attempts = 0
@@ -113,7 +113,7 @@ async def test_a_change_that_called_the_backing_store_is_not_run_again(
         store: MetaStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A passthrough mkdir, say, then its store record: run again, it would find EEXIST."""
     disk = Disk(monkeypatch)
-    hold = FullDiskHold(store.journal, wait=30)
+    hold = FullDiskHold(store, wait=30)
     backing = Backing(tmp_path, 1, 5.0)
     backing.inline = True
     attempts = 0
@@ -136,7 +136,7 @@ async def test_other_errors_and_other_enospc_are_not_held(
         store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC from anything but the state disk (a full backing store) fails at once."""
     Disk(monkeypatch)
-    hold = FullDiskHold(store.journal, wait=30)
+    hold = FullDiskHold(store, wait=30)
 
     async def fail(code: int) -> None:
         raise OSError(code, os.strerror(code))
@@ -151,7 +151,7 @@ async def test_other_errors_and_other_enospc_are_not_held(
 async def test_a_spell_that_outlasts_the_wait_refuses_at_once_until_room(
         store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
     disk = Disk(monkeypatch)
-    hold = FullDiskHold(store.journal, wait=0.3)
+    hold = FullDiskHold(store, wait=0.3)
     stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
 
     async def append() -> None:
@@ -162,20 +162,81 @@ async def test_a_spell_that_outlasts_the_wait_refuses_at_once_until_room(
         with pytest.raises(OSError):
             await hold.run(append)
     assert (hold.held, hold.refused) == (1, 3)
-    assert hold.refusing()
+    assert hold.waited_in_vain
+    # A small write that happens to fit ends the journal's spell, not the disk's.
+    disk.lucky = True
+    await hold.run(append)
+    assert not store.journal.out_of_space
+    disk.lucky = False
+    with pytest.raises(OSError):
+        await hold.run(append)
+    assert (hold.held, hold.refused) == (1, 4)
     disk.full = False
-    hold.journal._space_checked = 0.0  # as in run_held_until_room
-    await hold.run(append)  # the journal finds room: this spell is over
-    assert not hold.refusing()
-    await run_held_until_room(hold, disk, append)  # a new spell holds changes again
+    await hold.run(append)  # no refusal, so nothing looks at the disk...
+    await store.commit()  # ...but the committer gets through, as it does within a second
+    await run_held_until_room(hold, disk, append)  # room was seen: a new spell holds again
+    assert not hold.waited_in_vain
     assert (hold.held, hold.went_on) == (2, 1)
-    assert bytes(store.get(stored.fid).content) == b"x" * 200
+    assert bytes(store.get(stored.fid).content) == b"x" * 300
+
+
+async def test_no_more_than_max_holding_requests_wait(
+        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each held request keeps one of pyfuse3's worker tasks: the others must stay free
+    for reads, lookups and releases."""
+    disk = Disk(monkeypatch)
+    hold = FullDiskHold(store, wait=30)
+    stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
+
+    async def append() -> None:
+        store.write(stored, stored.size, b"y")
+
+    disk.full = True
+    async with trio.open_nursery() as nursery:
+        for _ in range(MAX_HOLDING):
+            nursery.start_soon(hold.run, append)
+        await trio.sleep(0.2)
+        assert hold.holding == MAX_HOLDING
+        with pytest.raises(OSError) as refused:
+            await hold.run(append)
+        assert refused.value.errno == errno.ENOSPC
+        disk.full = False
+    assert (hold.held, hold.went_on, hold.refused) == (MAX_HOLDING, MAX_HOLDING, 1)
+    assert stored.size == MAX_HOLDING
+
+
+async def test_stopping_fails_held_requests_at_once(
+        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held request must not delay the daemon's stop: its process cannot even be killed
+    while the kernel waits for the answer."""
+    disk = Disk(monkeypatch)
+    hold = FullDiskHold(store, wait=30)
+    stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
+    failures: list[int] = []
+
+    async def held_append() -> None:
+        try:
+            await hold.run(lambda: _write(store, stored))
+        except OSError as exc:
+            failures.append(exc.errno or 0)
+
+    disk.full = True
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held_append)
+            await trio.sleep(0.2)
+            assert hold.holding == 1
+            hold.stop()
+    assert failures == [errno.ENOSPC]
+    with pytest.raises(OSError):
+        await hold.run(lambda: _write(store, stored))
+    assert hold.held == 1
 
 
 async def test_no_wait_configured_means_enospc_at_once(
         store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
     disk = Disk(monkeypatch)
-    hold = FullDiskHold(store.journal, wait=0)
+    hold = FullDiskHold(store, wait=0)
     stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
     disk.full = True
     with pytest.raises(OSError) as refused:

@@ -70,6 +70,7 @@ class Journal:
         self.overwrite_loose = 0  # the same, given up for overwrites
         self._out_of_space = False
         self.full_spells = 0  # times the state disk has been found full
+        self.last_refused = 0  # size of the last record refused for want of space
         self._space_checked = 0.0
         self.freed = 0  # bytes deleted or truncated away while the disk is full
 
@@ -172,6 +173,7 @@ class Journal:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self.out_of_space = True
+                self.last_refused = len(data)
             raise
         self.seq = record.seq
         APPENDED_BY_TASK.set(APPENDED_BY_TASK.get() + 1)
@@ -238,15 +240,20 @@ class Journal:
         if now - self._space_checked < 1.0:
             return True
         self._space_checked = now
-        try:
-            vfs = os.statvfs(self.directory)
-        except OSError:
-            return True
-        loose = self.reserve_loose + self.overwrite_loose
-        if vfs.f_bavail * vfs.f_frsize - loose >= ROOM_AGAIN:
+        if self.has_room():
             self.out_of_space = False
             self.freed = 0
         return self.out_of_space
+
+    def has_room(self) -> bool:
+        """Whether the state disk has room again: ROOM_AGAIN free, and at least as much as
+        the record last refused, beside the space the reserve gave up."""
+        try:
+            vfs = os.statvfs(self.directory)
+        except OSError:
+            return False
+        loose = self.reserve_loose + self.overwrite_loose
+        return vfs.f_bavail * vfs.f_frsize - loose >= max(ROOM_AGAIN, self.last_refused)
 
     def _keep_loose(self, size: int, keep: int) -> None:
         """ENOSPC for a write that would leave less than `keep` bytes free: space the
@@ -353,6 +360,7 @@ class Journal:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self.out_of_space = True
+                self.last_refused = len(data)
             raise
 
     def _write(self, data: bytes) -> None:

@@ -1318,7 +1318,9 @@ class MetaStore:
         import marker of an empty directory renamed over) must go.
         """
         if self._names_under(old) or self._names_under(new):
-            self._log(Op.RENAME_DIR, old, new)
+            # Space-neutral like any rename: it follows a rename (of the directory's own
+            # entry, or on the backing store) that has happened already.
+            self._log(Op.RENAME_DIR, old, new, space_neutral=True)
 
     def check_rename_dir(self, old: bytes, new: bytes) -> None:
         """Refuse, before anything moves, a directory rename that would leave an index file
@@ -1341,7 +1343,7 @@ class MetaStore:
 
     def remove_dir(self, dirpath: bytes) -> None:
         if self.is_imported(dirpath):
-            self._log(Op.REMOVE_DIR, dirpath)
+            self._log(Op.REMOVE_DIR, dirpath, space_neutral=True)  # after the rmdir itself
 
     def mark_imported(self, dirpath: bytes) -> None:
         if key_problem(dirpath, IMPORTED) is None:  # deeper: no index file can be kept there

@@ -124,7 +124,7 @@ class MailFS:
         self.import_on_access = import_on_access
         # How long a change waits while a peer's snapshot is installed, before EAGAIN.
         self.install_wait = install_wait
-        self.full_disk = FullDiskHold(store.journal, full_disk_wait)
+        self.full_disk = FullDiskHold(store, full_disk_wait)
         self.table = InodeTable()
         self.volatile: dict[tuple[bytes, bytes], VolatileFile] = {}
         self.handles: dict[int, Handle] = {}
@@ -736,8 +736,18 @@ class MailFS:
             self.store.put(dirpath, name, attrs, content)
             count += 1
         if not self.store.is_imported(dirpath):
-            self.store.mark_imported(dirpath)
+            self._mark_imported(dirpath)
         return count
+
+    def _mark_imported(self, dirpath: bytes) -> None:
+        """Note that `dirpath` holds nothing more to import. Only a shortcut for the next
+        mount, which otherwise scans it again: on a full state disk it is left out, and the
+        request that made or scanned the directory (a mkdir has happened) succeeds."""
+        try:
+            self.store.mark_imported(dirpath)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
 
     def _scan_index_files(self, path: bytes) -> list[tuple[bytes, os.stat_result, bytes]]:
         found = []
@@ -956,9 +966,9 @@ class MailFS:
                 caller.uid, caller.gid, self._parent_reference(parent))
         self.listings.added(parent.inode, name)
         self._dir_changed(parent, parent_st, links=1)
-        # A directory made here holds no index files on the backing path to import.
-        self.store.mark_imported(relative)
         node = self.table.placed(parent, name, Kind.DIR, backing_identity(st))
+        # A directory made here holds no index files on the backing path to import.
+        self._mark_imported(relative)
         node.import_checked = True
         self._remember_dir_stat(node, st)
         node.lookups += 1
