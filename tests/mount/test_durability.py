@@ -561,7 +561,7 @@ def use_up_the_journal_page(path: Path) -> None:
     last page is used up. (Appends within the file's last block count as overwrites, which
     the reserve takes: hence the many small ones.)"""
     for size in (16 << 10, 1 << 10, 64):
-        with pytest.raises(OSError) as refused:  # noqa: PT012 - appends until refused
+        with pytest.raises(OSError) as refused:
             for _ in range(4096):
                 append_all(path, os.urandom(size))
         assert refused.value.errno == errno.ENOSPC
