@@ -8,11 +8,11 @@ the admin or logrotate frees space. So a change refused for want of space waits 
 at most `wait` seconds, and then runs again from the start.
 
 A disk that stays full behaves like one: once a change has waited `wait` seconds in vain,
-every change refused until the disk has room again fails at once with ENOSPC, so that
+every change refused until the disk has had room fails at once with ENOSPC, so that
 Dovecot is not slowed to a crawl for as long as the disk stays full. "Room" is statvfs's
 word (`Journal.has_room`) or a commit that got through, not a small append that happened
-to fit. So does a change
-refused while MAX_HOLDING others wait, or while the daemon stops.
+to fit. A change refused while MAX_HOLDING others wait, or while the daemon stops, fails
+at once too.
 
 Only a request that changed nothing runs again: its task appended no journal record and
 made no call on the backing store before it was refused (journal.APPENDED_BY_TASK,
