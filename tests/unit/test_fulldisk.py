@@ -55,6 +55,16 @@ def store(tmp_path: Path) -> Iterator[MetaStore]:
     store.close()
 
 
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
+    return Disk(monkeypatch)
+
+
+@pytest.fixture
+def hold(store: MetaStore) -> FullDiskHold:
+    return FullDiskHold(store, wait=30)
+
+
 async def run_held_until_room(hold: FullDiskHold, disk: Disk,
                               attempt: Callable[[], Awaitable[object]]) -> None:
     """Run `attempt` on a full disk, see it held, then make room and let it finish."""
@@ -67,9 +77,7 @@ async def run_held_until_room(hold: FullDiskHold, disk: Disk,
 
 
 async def test_a_refused_change_waits_for_room_and_runs_again(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    disk = Disk(monkeypatch)
-    hold = FullDiskHold(store, wait=30)
+        store: MetaStore, hold: FullDiskHold, disk: Disk) -> None:
     stored = store.create(b"", b"dovecot.index.log", MODE, 8, 8)
     attempts = 0
 
@@ -86,10 +94,8 @@ async def test_a_refused_change_waits_for_room_and_runs_again(
 
 
 async def test_a_change_that_journaled_a_record_is_not_run_again(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: MetaStore, hold: FullDiskHold, disk: Disk) -> None:
     """Running it again would apply its first record twice."""
-    disk = Disk(monkeypatch)
-    hold = FullDiskHold(store, wait=30)
     first = store.create(b"", b"dovecot.index", MODE, 8, 8)
     second = store.create(b"", b"dovecot.index.log", MODE, 8, 8)
     attempts = 0
@@ -110,10 +116,8 @@ async def test_a_change_that_journaled_a_record_is_not_run_again(
 
 
 async def test_a_change_that_called_the_backing_store_is_not_run_again(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        store: MetaStore, hold: FullDiskHold, disk: Disk, tmp_path: Path) -> None:
     """A passthrough mkdir, say, then its store record: run again, it would find EEXIST."""
-    disk = Disk(monkeypatch)
-    hold = FullDiskHold(store, wait=30)
     backing = Backing(tmp_path, 1, 5.0)
     backing.inline = True
     attempts = 0
@@ -133,10 +137,9 @@ async def test_a_change_that_called_the_backing_store_is_not_run_again(
 
 
 async def test_other_errors_and_other_enospc_are_not_held(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: MetaStore, hold: FullDiskHold, disk: Disk) -> None:
     """ENOSPC from anything but the state disk (a full backing store) fails at once."""
-    Disk(monkeypatch)
-    hold = FullDiskHold(store, wait=30)
+    disk.full = True
 
     async def fail(code: int) -> None:
         raise OSError(code, os.strerror(code))
@@ -149,8 +152,7 @@ async def test_other_errors_and_other_enospc_are_not_held(
 
 
 async def test_a_spell_that_outlasts_the_wait_refuses_at_once_until_room(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    disk = Disk(monkeypatch)
+        store: MetaStore, disk: Disk) -> None:
     hold = FullDiskHold(store, wait=0.3)
     stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
 
@@ -181,11 +183,9 @@ async def test_a_spell_that_outlasts_the_wait_refuses_at_once_until_room(
 
 
 async def test_no_more_than_max_holding_requests_wait(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: MetaStore, hold: FullDiskHold, disk: Disk) -> None:
     """Each held request keeps one of pyfuse3's worker tasks: the others must stay free
     for reads, lookups and releases."""
-    disk = Disk(monkeypatch)
-    hold = FullDiskHold(store, wait=30)
     stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
 
     async def append() -> None:
@@ -206,11 +206,9 @@ async def test_no_more_than_max_holding_requests_wait(
 
 
 async def test_stopping_fails_held_requests_at_once(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        store: MetaStore, hold: FullDiskHold, disk: Disk) -> None:
     """A held request must not delay the daemon's stop: its process cannot even be killed
     while the kernel waits for the answer."""
-    disk = Disk(monkeypatch)
-    hold = FullDiskHold(store, wait=30)
     stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
     failures: list[int] = []
 
@@ -234,8 +232,7 @@ async def test_stopping_fails_held_requests_at_once(
 
 
 async def test_no_wait_configured_means_enospc_at_once(
-        store: MetaStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    disk = Disk(monkeypatch)
+        store: MetaStore, disk: Disk) -> None:
     hold = FullDiskHold(store, wait=0)
     stored = store.create(b"", b"dovecot.index.cache", MODE, 8, 8)
     disk.full = True

@@ -45,7 +45,7 @@ MAX_HOLDING = 32
 REFUSING_CHECK_INTERVAL = 0.1
 
 
-def _task_effects() -> tuple[int, int]:
+def task_effects() -> tuple[int, int]:
     return APPENDED_BY_TASK.get(), CALLS_BY_TASK.get()
 
 
@@ -72,20 +72,27 @@ class FullDiskHold:
         self._stopping.set()
 
     async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        before = _task_effects()
+        before = task_effects()
         try:
             return await attempt()
         except OSError as exc:
-            if not self._may_hold(exc, before) or not self._hold_begins():
-                raise
-            refusal = exc
+            return await self.after_refusal(exc, before, attempt)
+
+    async def after_refusal(self, refusal: OSError, before: tuple[int, int],
+                            attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt` failed with `refusal`, having had `before` as its task's effects when
+        it began: wait for room and run it again if it may be, else raise `refusal`.
+        Callers on the hot path try first themselves, so that a request that was not
+        refused costs no closure (Operations' held_on_full_disk)."""
+        if not self._may_hold(refusal, before) or not self._hold_begins():
+            raise refusal
         started = trio.current_time()
         deadline = started + self.wait
         self.holding += 1
         self.held += 1
         try:
             while await self._room_before(deadline):
-                before = _task_effects()
+                before = task_effects()
                 try:
                     result = await attempt()
                 except OSError as exc:
@@ -109,7 +116,7 @@ class FullDiskHold:
     def _may_hold(self, exc: OSError, before: tuple[int, int]) -> bool:
         """Refused for want of room on the state disk, having changed nothing."""
         return (exc.errno == errno.ENOSPC and self.journal.out_of_space
-                and _task_effects() == before)
+                and task_effects() == before)
 
     @property
     def waited_in_vain(self) -> bool:

@@ -18,6 +18,7 @@ import pyfuse3
 
 from mailfs.fs import session
 from mailfs.fs.core import Caller, MailFS
+from mailfs.fs.fulldisk import task_effects
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,14 @@ def held_on_full_disk(handler: F) -> F:
 
     @functools.wraps(handler)
     async def wrapper(self: Operations, *args: Any, **kwargs: Any) -> Any:
-        return await self.fs.full_disk.run(functools.partial(handler, self, *args, **kwargs))
+        # FullDiskHold.run, inlined: every write and create comes this way, and only a
+        # refused one needs the closure.
+        before = task_effects()
+        try:
+            return await handler(self, *args, **kwargs)
+        except OSError as exc:
+            return await self.fs.full_disk.after_refusal(
+                exc, before, functools.partial(handler, self, *args, **kwargs))
 
     return cast(F, wrapper)
 
