@@ -32,6 +32,7 @@ from mailfs.fs import session
 from mailfs.fs.classifier import Classifier
 from mailfs.fs.core import MailFS, Timeouts
 from mailfs.fs.indexonly import IndexOnlyFS
+from mailfs.fs.lockmirror import mirror_directory
 from mailfs.fs.operations import ERROR_REPLIES, REQUESTS, Operations
 from mailfs.fs.session import dispatch, keeper
 from mailfs.replication.identity import node_namespace
@@ -572,6 +573,9 @@ def run(config: Config, ready_fd: int | None = None) -> int:
         except OSError as exc:
             daemon.store.close()
             raise UserError(f"cannot recover the state in {config.state_dir}: {exc}") from None
+        if isinstance(daemon.fs, IndexOnlyFS) and config.adopt_connection:
+            daemon.fs.start_lock_mirror(mirror_directory(config.run_dir, config.state_dir),
+                                        adopted=adopted is not None)
         try:
             daemon.start_metrics()
             if daemon.replication is not None:
@@ -614,6 +618,8 @@ def run(config: Config, ready_fd: int | None = None) -> int:
                 if daemon.keeper is not None:
                     daemon.keeper.unmounted()
                 adoption.remove_record(config.state_dir)
+                if daemon.fs.lock_mirror is not None:
+                    daemon.fs.lock_mirror.remove()
             else:
                 # A failure inside the daemon is a crash like any other: the keeper holds
                 # the connection for the processes on it.

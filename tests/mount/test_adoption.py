@@ -40,6 +40,9 @@ CHILD = textwrap.dedent("""
                 result = os.pread(fd, 4096, 0).decode()
             elif command == "write":
                 result = str(os.pwrite(fd, argument.encode(), 0))
+            elif command == "truncate":
+                os.ftruncate(fd, int(argument))
+                result = "truncated"
             elif command == "fsync":
                 os.fsync(fd)
                 result = "synced"
@@ -225,6 +228,51 @@ def test_a_lock_file_renamed_over_an_index_file_keeps_its_number(
     index_mount.stop()
     index_mount.start()
     assert (user / "dovecot-uidlist").read_bytes() == b"3 V2 N2"
+
+
+def test_a_lock_file_held_at_the_crash_is_there_for_its_holder(
+        index_mount: MailfsMount, children: list[Child]) -> None:
+    """Dovecot holds dovecot-uidlist.lock while it writes the new uidlist into it, then
+    renames it into place. Lock files live in the daemon's RAM; had the lock died with the
+    daemon, Dovecot's ftruncate and rename would fail with ENOENT after the takeover (a
+    Dovecot error line in the daemon-crash test, one run in a few dozen)."""
+    user = index_mount.mountpoint / "frank"
+    user.mkdir()
+    (user / "dovecot-uidlist").write_bytes(b"3 V1 N1\n1 a\n")
+    child = Child(user / "dovecot-uidlist.lock")
+    children.append(child)
+    assert child.ask("write 3 V1 N2 with a longer line") == "26"
+    crash(index_mount)
+    after = restart(index_mount)
+    assert after["adopted_locks"] == 1, index_mount.log()
+    assert child.ask("read") == "3 V1 N2 with a longer line", index_mount.log()
+    assert child.ask("truncate 7") == "truncated"
+    assert child.ask("fstat") == "7"
+    assert (user / "dovecot-uidlist.lock").read_bytes() == b"3 V1 N2"
+    os.rename(user / "dovecot-uidlist.lock", user / "dovecot-uidlist")
+    assert child.ask("write 3 V1 N3") == "7"
+    assert (user / "dovecot-uidlist").read_bytes() == b"3 V1 N3"
+    child.close()
+    index_mount.stop()
+    index_mount.start()
+    assert sorted(os.listdir(user)) == ["dovecot-uidlist"]
+    assert (user / "dovecot-uidlist").read_bytes() == b"3 V1 N3"
+    assert index_mount.problems() == []
+
+
+def test_locks_of_a_clean_stop_do_not_come_back(
+        index_mount: MailfsMount, children: list[Child]) -> None:
+    """Locks die with a clean stop: no process can hold one across it."""
+    user = index_mount.mountpoint / "gina"
+    user.mkdir()
+    (user / "dovecot.index.log.lock").write_bytes(b"held")
+    index_mount.stop()
+    index_mount.start()
+    assert os.listdir(user) == []
+    crash(index_mount)
+    after = restart(index_mount)
+    assert after["adopted_locks"] == 0
+    assert os.listdir(user) == []
 
 
 @pytest.mark.parametrize("index_mount", ["default timeouts"], indirect=True)

@@ -39,6 +39,7 @@ from mailfs.fs.fulldisk import FullDiskHold
 from mailfs.fs.held_names import HeldNames
 from mailfs.fs.invalidation import KernelInvalidator
 from mailfs.fs.listings import ListingCache
+from mailfs.fs.lockmirror import LockMirror
 from mailfs.fs.nodes import (
     REPLICATED_BASE,
     ROOT,
@@ -127,6 +128,9 @@ class MailFS:
         self.full_disk = FullDiskHold(store, full_disk_wait)
         self.table = InodeTable()
         self.volatile: dict[tuple[bytes, bytes], VolatileFile] = {}
+        # Where lock files outlive a daemon crash, for a successor that adopts the
+        # connection (IndexOnlyFS; fs/lockmirror.py).
+        self.lock_mirror: LockMirror | None = None
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirListing] = {}
         # Passthrough files whose backing names are changing right now (a rename, link or
@@ -847,6 +851,7 @@ class MailFS:
             node.volatile = VolatileFile(attrs, bytearray(), node.inode)
             self.table.nodes[node.inode] = node
             self.volatile[(dirpath, name)] = node.volatile
+            self._mirror_lock(node.volatile)
         else:
             if self.import_on_access and not parent.import_checked:
                 await self._import_dir(parent, dirpath)
@@ -1020,9 +1025,27 @@ class MailFS:
     def _volatile_lost_link(self, volatile: VolatileFile) -> None:
         volatile.attrs.nlink -= 1
         volatile.attrs.ctime_ns = time.time_ns()
+        self._mirror_lock(volatile)
         node = self.table.nodes.get(volatile.inode)
         if node is not None:
             self._maybe_release(node)
+
+    def _mirror_lock(self, volatile: VolatileFile, resized: bool = False) -> None:
+        """After a lock file's names, attributes or (`resized`) size changed."""
+        mirror = self.lock_mirror
+        if mirror is None:
+            return
+        fid = volatile.inode - REPLICATED_BASE
+        if volatile.attrs.nlink <= 0:
+            # Unlinked, or now an index file: a process that still has it open after a
+            # crash gets EBADF, as it did before locks were mirrored.
+            mirror.dropped(fid)
+            return
+        names = [key for key, known in self.volatile.items() if known is volatile]
+        if resized:
+            mirror.resized(fid, len(volatile.content), volatile.attrs, names)
+        else:
+            mirror.saved(fid, volatile.attrs, names)
 
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
         await self._changes_allowed()
@@ -1095,6 +1118,7 @@ class MailFS:
         del self.volatile[(src_path, old_name)]
         self.volatile[(dst_path, new_name)] = volatile
         volatile.attrs.ctime_ns = time.time_ns()
+        self._mirror_lock(volatile)
         if replaced is not None:
             self._volatile_lost_link(replaced)
 
@@ -1120,6 +1144,7 @@ class MailFS:
                                 fid=volatile.inode - REPLICATED_BASE if becomes else None)
         del self.volatile[(src_path, old_name)]
         volatile.attrs.nlink -= 1
+        self._mirror_lock(volatile)
         if node is not None and becomes:
             node.kind = Kind.REPLICATED
             node.fid = stored.fid
@@ -1175,10 +1200,14 @@ class MailFS:
                     moving.stat_cache = None
 
     def _rename_volatile_dir(self, old: bytes, new: bytes) -> None:
+        moved = []
         for dirpath, name in list(self.volatile):
             if dirpath == old or dirpath.startswith(old + b"/"):
-                self.volatile[(new + dirpath[len(old):], name)] = self.volatile.pop(
-                    (dirpath, name))
+                volatile = self.volatile.pop((dirpath, name))
+                self.volatile[(new + dirpath[len(old):], name)] = volatile
+                moved.append(volatile)
+        for volatile in moved:
+            self._mirror_lock(volatile)
 
     async def link(self, inode: int, new_parent: int, new_name: bytes
                    ) -> pyfuse3.EntryAttributes:
@@ -1201,6 +1230,7 @@ class MailFS:
                 self.volatile[(dirpath, new_name)] = node.volatile
                 node.volatile.attrs.nlink += 1
                 node.volatile.attrs.ctime_ns = time.time_ns()
+                self._mirror_lock(node.volatile)
             elif dst_cls is FileClass.REPLICATED:
                 # The lock keeps its own inode; the index file gets a copy of its content.
                 if self.store.lookup(dirpath, new_name) is not None:
@@ -1255,6 +1285,7 @@ class MailFS:
                 volatile.attrs.size = size
                 volatile.attrs.mtime_ns = time.time_ns()
             volatile.attrs = self._updated_attrs(volatile.attrs, attr, fields)
+            self._mirror_lock(volatile, resized=fields.update_size)
             return self._attrs_entry(node, volatile.attrs)
         handle = self.handles.get(fh) if fh is not None else None
         if handle is not None and handle.fd is None and node.kind is Kind.PASSTHROUGH:
@@ -1465,6 +1496,7 @@ class MailFS:
         if caller is not None:
             volatile.attrs.mode &= ~caller.truncate_clears(volatile.attrs.mode,
                                                            volatile.attrs.gid)
+        self._mirror_lock(volatile, resized=True)
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)
@@ -1511,6 +1543,9 @@ class MailFS:
             volatile.content[start:start + len(data)] = data
             volatile.attrs.size = len(volatile.content)
             volatile.attrs.mtime_ns = volatile.attrs.ctime_ns = time.time_ns()
+            if self.lock_mirror is not None:
+                self.lock_mirror.wrote(volatile.inode - REPLICATED_BASE, start, data,
+                                       volatile.attrs.mtime_ns)
             return len(data)
         fd = handle.fd if handle.fd is not None else await self._open_remembered(handle)
         with self._changing_content(node):

@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import stat
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -39,6 +40,7 @@ from mailfs.fs.core import (
     statvfs_data,
 )
 from mailfs.fs.invalidation import invalidate_everything
+from mailfs.fs.lockmirror import LockMirror, MirroredLock
 from mailfs.fs.nodes import (
     HANDLE_SERIALS,
     REPLICATED_BASE,
@@ -46,6 +48,7 @@ from mailfs.fs.nodes import (
     Handle,
     Kind,
     Node,
+    VolatileFile,
     handle_number,
     inode_of_handle,
 )
@@ -68,6 +71,7 @@ class IndexOnlyFS(MailFS):
         # Serving a FUSE connection that a crashed daemon opened (daemon.py, "adoption").
         self.adopted = False
         self.adopted_nodes = 0
+        self.adopted_locks = 0
         self._fh_serial = 0
         self._directory_paths: dict[int, bytes] | None = None
 
@@ -121,7 +125,9 @@ class IndexOnlyFS(MailFS):
 
     def counts(self) -> dict[str, object]:
         return {**super().counts(), "connection_adopted": self.adopted,
-                "adopted_nodes": self.adopted_nodes}
+                "adopted_nodes": self.adopted_nodes, "adopted_locks": self.adopted_locks,
+                "lock_mirror_failures": (self.lock_mirror.failures
+                                         if self.lock_mirror is not None else 0)}
 
     def _known_before(self, inode: int) -> Node | None:
         """The node for a number the crashed daemon gave the kernel. Stored files and
@@ -169,12 +175,50 @@ class IndexOnlyFS(MailFS):
     def _handle_known_before(self, fh: int) -> Handle | None:
         """A file handle the crashed daemon gave the kernel: its number holds the inode."""
         node = self._resolved(inode_of_handle(fh))
-        if node is None or node.kind is not Kind.REPLICATED:
+        if node is None or node.kind not in (Kind.REPLICATED, Kind.VOLATILE):
             return None
         handle = self.handles[fh] = Handle(fh, node, None)
         node.opens += 1
-        self._stored(node).opens += 1
+        if node.kind is Kind.REPLICATED:
+            self._stored(node).opens += 1
         return handle
+
+    def start_lock_mirror(self, directory: Path, adopted: bool) -> None:
+        """Mirror lock files into `directory` from now on; on an adopted connection, first
+        take back the locks the crashed daemon mirrored there (fs/lockmirror.py)."""
+        mirror = LockMirror(directory)
+        try:
+            locks = mirror.open(keep=adopted)
+        except OSError as exc:
+            log.error("lock files are not mirrored (%s): after a crash of this daemon, "
+                      "processes on the mount lose the locks they hold", exc)
+            return
+        self.lock_mirror = mirror
+        for lock in locks:
+            self._take_back_lock(mirror, lock)
+
+    def _take_back_lock(self, mirror: LockMirror, lock: MirroredLock) -> None:
+        inode = REPLICATED_BASE + lock.fid
+        # Killed between renaming the lock over an index file and dropping its mirror:
+        # the index file is the lock now.
+        taken = inode in self.table.nodes
+        with contextlib.suppress(FileNotFoundError):
+            self.store.get(lock.fid)
+            taken = True
+        names = [key for key in lock.names if key not in self.volatile]
+        if taken or not names:
+            mirror.dropped(lock.fid)
+            return
+        node = Node(inode, Kind.VOLATILE)
+        node.volatile = VolatileFile(lock.attrs, lock.content, inode)
+        node.volatile.attrs.nlink = len(names)
+        node.lookups = ADOPTED_LOOKUPS
+        self.table.nodes[inode] = node
+        for key in names:
+            self.volatile[key] = node.volatile
+        self.adopted_locks += 1
+        log.info("took back lock file %s of the crashed daemon",
+                 os.fsdecode(b"/".join(part for part in names[0] if part)))
 
     # ------------------------------------------------------------------ nodes
 

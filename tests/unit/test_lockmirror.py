@@ -1,0 +1,106 @@
+"""LockMirror on a real directory: what a daemon adopting a crashed one's connection gets
+back, and what it must never get (a mirror that fell behind its lock)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mailfs.cachemgr.records import Attrs
+from mailfs.fs.lockmirror import LockMirror, mirror_directory
+
+NAME = (b"alice/control/.INBOX", b"dovecot-uidlist.lock")
+
+
+def attrs(mtime_ns: int = 1_700_000_000_123_456_789) -> Attrs:
+    return Attrs(0o100600, 8, 8, 1, 0, mtime_ns, mtime_ns, mtime_ns)
+
+
+def test_a_lock_comes_back_as_it_was(tmp_path: Path) -> None:
+    mirror = LockMirror(tmp_path / "locks")
+    assert mirror.open(keep=False) == []
+    mirror.saved(41, attrs(), [NAME])
+    mirror.wrote(41, 0, b"3 V1 N2 with a longer line", 1_700_000_001_000_000_007)
+    mirror.resized(41, 7, attrs(1_700_000_002_000_000_003), [NAME, (b"alice", b"x.lock")])
+    mirror.wrote(41, 7, b"\n", 1_700_000_003_000_000_001)
+    mirror.close()  # a crash: nothing more is written
+
+    [lock] = LockMirror(tmp_path / "locks").open(keep=True)
+    assert lock.fid == 41
+    assert bytes(lock.content) == b"3 V1 N2\n"
+    assert lock.names == [NAME, (b"alice", b"x.lock")]
+    assert (lock.attrs.nlink, lock.attrs.size, lock.attrs.mode) == (2, 8, 0o100600)
+    assert lock.attrs.mtime_ns == 1_700_000_003_000_000_001  # exact, not the clock's tick
+
+
+def test_a_fresh_mount_and_a_clean_stop_leave_no_locks(tmp_path: Path) -> None:
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(7, attrs(), [NAME])
+    mirror.close()
+    assert LockMirror(tmp_path / "locks").open(keep=False) == []
+    assert os.listdir(tmp_path / "locks") == []
+    again = LockMirror(tmp_path / "locks")
+    again.open(keep=False)
+    again.saved(8, attrs(), [NAME])
+    again.remove()
+    assert not (tmp_path / "locks").exists()
+
+
+def test_a_dropped_lock_is_gone(tmp_path: Path) -> None:
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(5, attrs(), [NAME])
+    mirror.wrote(5, 0, b"content", 1)
+    mirror.dropped(5)
+    assert LockMirror(tmp_path / "locks").open(keep=True) == []
+
+
+def test_a_mirror_that_could_not_keep_up_is_never_served(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the mirror missed would hand the next daemon stale content, which Dovecot
+    could then rename over its uidlist: the whole lock is left out instead."""
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(9, attrs(), [NAME])
+    mirror.wrote(9, 0, b"first half ", 1)
+    real_pwrite = os.pwrite
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    mirror.wrote(9, 11, b"second half", 2)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    mirror.wrote(9, 22, b" and more", 3)  # the lock goes on; its mirror does not
+    mirror.saved(9, attrs(), [NAME])
+    assert mirror.failures == 1
+    mirror.close()
+    assert LockMirror(tmp_path / "locks").open(keep=True) == []
+
+
+def test_a_damaged_entry_is_left_out(tmp_path: Path) -> None:
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(3, attrs(), [NAME])
+    mirror.saved(4, attrs(), [NAME])
+    mirror.close()
+    (tmp_path / "locks" / "3.meta").write_text("{not json")
+    [lock] = LockMirror(tmp_path / "locks").open(keep=True)
+    assert lock.fid == 4
+
+
+def test_a_directory_someone_else_owns_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "locks").symlink_to(target)
+    with pytest.raises(OSError):
+        LockMirror(tmp_path / "locks").open(keep=True)
+
+
+def test_each_state_dir_has_its_own_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert mirror_directory(run, tmp_path / "a") != mirror_directory(run, tmp_path / "b")
+    assert mirror_directory(run, tmp_path / "a").parent == run
