@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from mailfs.cachemgr.records import Attrs
-from mailfs.fs.lockmirror import LockMirror, mirror_directory
+from mailfs.fs.lockmirror import (
+    HEADER_SIZE,
+    LockMirror,
+    decode_header,
+    encode_header,
+    mirror_directory,
+)
 
 NAME = (b"alice/control/.INBOX", b"dovecot-uidlist.lock")
 
@@ -87,9 +93,23 @@ def test_a_damaged_entry_is_left_out(tmp_path: Path) -> None:
     mirror.saved(3, attrs(), [NAME])
     mirror.saved(4, attrs(), [NAME])
     mirror.close()
-    (tmp_path / "locks" / "3.meta").write_text("{not json")
+    with open(tmp_path / "locks" / "3", "r+b") as damaged:
+        damaged.seek(30)
+        damaged.write(b"\xff")
     [lock] = LockMirror(tmp_path / "locks").open(keep=True)
     assert lock.fid == 4
+
+
+def test_names_and_attributes_survive_the_header_round_trip() -> None:
+    names = [(b"", b"a.lock"), (b"alice/mail/.Sent", b"dovecot-uidlist.lock")]
+    original = attrs()
+    decoded, decoded_names = decode_header(encode_header(original, names))
+    assert decoded_names == names
+    assert (decoded.mode, decoded.uid, decoded.gid, decoded.atime_ns, decoded.mtime_ns,
+            decoded.ctime_ns) == (original.mode, original.uid, original.gid,
+                                  original.atime_ns, original.mtime_ns, original.ctime_ns)
+    with pytest.raises(ValueError):
+        decode_header(bytes(HEADER_SIZE))  # a file made, the crash before its header
 
 
 def test_a_directory_someone_else_owns_is_refused(tmp_path: Path) -> None:

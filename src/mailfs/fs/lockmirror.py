@@ -6,11 +6,12 @@ outlives a daemon crash (adoption.py), and so do the processes on it: a Dovecot 
 it over the uidlist through the adopting daemon. A lock that died with the daemon fails
 those calls with ENOENT, and Dovecot logs an error for each of them.
 
-So each lock file is mirrored into a directory under the run dir, one pair of files per
-lock: `<fid>` holds its content (written at the same offsets, its mtime set to the lock's)
-and `<fid>.meta` its names and other attributes (written whole, then renamed into place).
-A process crash leaves both in the page cache. The adopting daemon loads them; a fresh
-mount and a clean stop remove them.
+So each lock file is mirrored into a directory under the run dir, one file per lock,
+named by its fid: a header page (names and attributes, checksummed; the mtime apart, as a
+write moves it) and then the content, written at the same offsets. A process crash leaves
+it in the page cache. The adopting daemon loads them; a fresh mount and a clean stop
+remove them. A lock cycle costs a handful of system calls on the trio thread (a first
+version with a JSON file renamed into place cost about 100 us of CPU per lock).
 
 A lock whose mirror could not be written is no longer mirrored, and what there was of it
 is removed: a mirror behind the lock would give the next daemon stale content to rename
@@ -21,21 +22,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
 import stat
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import xxhash
 
 from mailfs.cachemgr.records import Attrs
 
 log = logging.getLogger(__name__)
 
-META = ".meta"
-PARTIAL = ".partial"
+# The content starts here; the header page before it.
+HEADER_SIZE = 4096
+MTIME = struct.Struct("<q")  # at offset 0: set after every write, so not checksummed
+SEAL = struct.Struct("<QI")  # at MTIME.size: xxh3 of the body, body length
+BODY = struct.Struct("<IIIqqH")  # mode, uid, gid, atime_ns, ctime_ns, number of names
+NAME = struct.Struct("<HH")  # lengths of a name's directory path and of the name
+BODY_START = MTIME.size + SEAL.size
 
 
 @dataclass
@@ -50,6 +58,40 @@ def mirror_directory(run_dir: Path, state_dir: Path) -> Path:
     """One directory per state dir: adoption is per state dir."""
     tag = hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:16]
     return run_dir / f"locks-{tag}"
+
+
+def encode_header(attrs: Attrs, names: list[tuple[bytes, bytes]]) -> bytes:
+    body = bytearray(BODY.pack(attrs.mode, attrs.uid, attrs.gid, attrs.atime_ns,
+                               attrs.ctime_ns, len(names)))
+    for dirpath, name in names:
+        body += NAME.pack(len(dirpath), len(name)) + dirpath + name
+    header = MTIME.pack(attrs.mtime_ns) + SEAL.pack(xxhash.xxh3_64_intdigest(body),
+                                                    len(body)) + body
+    if len(header) > HEADER_SIZE:
+        raise OSError(f"names too long for the header ({len(header)} bytes)")
+    # Whole, so that a new file is long enough to hold content from the first save on.
+    return header.ljust(HEADER_SIZE, b"\0")
+
+
+def decode_header(header: bytes) -> tuple[Attrs, list[tuple[bytes, bytes]]]:
+    """The attributes (without nlink and size) and the names; ValueError if damaged."""
+    if len(header) < BODY_START:
+        raise ValueError("header cut short")
+    (mtime_ns,) = MTIME.unpack_from(header)
+    checksum, length = SEAL.unpack_from(header, MTIME.size)
+    body = header[BODY_START:BODY_START + length]
+    if len(body) != length or xxhash.xxh3_64_intdigest(body) != checksum:
+        raise ValueError("header checksum mismatch")
+    mode, uid, gid, atime_ns, ctime_ns, count = BODY.unpack_from(body)
+    names = []
+    at = BODY.size
+    for _ in range(count):
+        path_length, name_length = NAME.unpack_from(body, at)
+        at += NAME.size
+        names.append((bytes(body[at:at + path_length]),
+                      bytes(body[at + path_length:at + path_length + name_length])))
+        at += path_length + name_length
+    return Attrs(mode, uid, gid, 0, 0, atime_ns, mtime_ns, ctime_ns), names
 
 
 class LockMirror:
@@ -87,43 +129,32 @@ class LockMirror:
 
     # -------------------------------------------------------------- changes to locks
 
-    def saved(self, fid: int, attrs: Attrs, names: Iterable[tuple[bytes, bytes]],
-              content: bytes | bytearray | None = None) -> None:
-        """A lock's names or attributes changed (`content`: and its content, whole)."""
+    def saved(self, fid: int, attrs: Attrs, names: Iterable[tuple[bytes, bytes]]) -> None:
+        """A lock was made, or its names or attributes changed."""
         if fid in self._unmirrored:
             return
         try:
-            fd = self._fd(fid)
-            if content is not None:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, content, 0)
-            os.utime(fd, ns=(attrs.atime_ns, attrs.mtime_ns))
-            meta = {"mode": attrs.mode, "uid": attrs.uid, "gid": attrs.gid,
-                    "atime_ns": attrs.atime_ns, "ctime_ns": attrs.ctime_ns,
-                    "names": [[dirpath.hex(), name.hex()] for dirpath, name in names]}
-            partial = self._path(fid, PARTIAL)
-            with open(partial, "w", encoding="ascii") as file:
-                json.dump(meta, file)
-            os.replace(partial, self._path(fid, META))
+            os.pwrite(self._fd(fid), encode_header(attrs, list(names)), 0)
         except OSError as exc:
             self._lost(fid, exc)
 
     def wrote(self, fid: int, offset: int, data: bytes, mtime_ns: int) -> None:
-        if fid in self._unmirrored or fid not in self._fds:
+        fd = self._fds.get(fid)
+        if fd is None:
             return
-        fd = self._fds[fid]
         try:
-            os.pwrite(fd, data, offset)
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.pwrite(fd, data, HEADER_SIZE + offset)
+            os.pwrite(fd, MTIME.pack(mtime_ns), 0)
         except OSError as exc:
             self._lost(fid, exc)
 
     def resized(self, fid: int, size: int, attrs: Attrs,
                 names: Iterable[tuple[bytes, bytes]]) -> None:
-        if fid in self._unmirrored or fid not in self._fds:
+        fd = self._fds.get(fid)
+        if fd is None:
             return
         try:
-            os.ftruncate(self._fds[fid], size)
+            os.ftruncate(fd, HEADER_SIZE + size)
         except OSError as exc:
             self._lost(fid, exc)
             return
@@ -136,24 +167,23 @@ class LockMirror:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for suffix in (META, "", PARTIAL):
-            try:
-                os.unlink(self._path(fid, suffix))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.error("cannot remove the mirror of lock file %d (%s): a daemon adopting "
-                          "this mount after a crash may find it", fid, exc)
+        try:
+            os.unlink(self._path(fid))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove the mirror of lock file %d (%s): a daemon adopting "
+                      "this mount after a crash may find it", fid, exc)
 
     # -------------------------------------------------------------- internals
 
-    def _path(self, fid: int, suffix: str) -> Path:
-        return self.directory / f"{fid}{suffix}"
+    def _path(self, fid: int) -> Path:
+        return self.directory / str(fid)
 
     def _fd(self, fid: int) -> int:
         fd = self._fds.get(fid)
         if fd is None:
-            fd = self._fds[fid] = os.open(self._path(fid, ""),
+            fd = self._fds[fid] = os.open(self._path(fid),
                                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return fd
 
@@ -172,30 +202,27 @@ class LockMirror:
     def _load(self) -> list[MirroredLock]:
         locks = []
         for entry in os.scandir(self.directory):
-            if not entry.name.endswith(META):
-                continue
-            fid_text = entry.name[:-len(META)]
             try:
-                fid = int(fid_text)
-                locks.append(self._loaded(fid))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                locks.append(self._loaded(int(entry.name)))
+            except (OSError, ValueError, struct.error) as exc:
                 log.warning("lock file mirror %s unreadable (%s): left out", entry.name, exc)
         return locks
 
     def _loaded(self, fid: int) -> MirroredLock:
-        with open(self._path(fid, META), encoding="ascii") as file:
-            meta = json.load(file)
-        fd = os.open(self._path(fid, ""), os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(self._path(fid), os.O_RDWR | os.O_CLOEXEC)
         try:
-            st = os.fstat(fd)
-            content = bytearray(os.pread(fd, st.st_size, 0)) if st.st_size else bytearray()
-        except OSError:
+            size = os.fstat(fd).st_size - HEADER_SIZE
+            if size < 0:
+                raise ValueError("no content page")
+            attrs, names = decode_header(os.pread(fd, HEADER_SIZE, 0))
+            content = bytearray(os.pread(fd, size, HEADER_SIZE)) if size else bytearray()
+            if len(content) != size:
+                raise ValueError("content cut short")
+        except BaseException:
             os.close(fd)
             raise
         self._fds[fid] = fd
-        names = [(bytes.fromhex(dirpath), bytes.fromhex(name))
-                 for dirpath, name in meta["names"]]
-        attrs = Attrs(int(meta["mode"]), int(meta["uid"]), int(meta["gid"]), len(names),
-                      len(content), int(meta["atime_ns"]), st.st_mtime_ns,
-                      max(int(meta["ctime_ns"]), st.st_mtime_ns))
+        attrs.nlink = len(names)
+        attrs.size = size
+        attrs.ctime_ns = max(attrs.ctime_ns, attrs.mtime_ns)
         return MirroredLock(fid, attrs, content, names)
