@@ -126,7 +126,8 @@ def system_cpu() -> tuple[float, float]:
 class Setup:
     name: str
     mail: str  # local | sshfs | full (mailfs over a local dir) | full-sshfs (mailfs over sshfs)
-    index: str  # with-mail (Dovecot's default) | local | index-only | index-only-sync2
+    index: str  # with-mail (Dovecot's default) | local | index-only | index-only-no-adopt
+    #             | index-only-sync2
     description: str
 
     @property
@@ -146,6 +147,8 @@ SETUPS = {setup.name: setup for setup in (
           "mail on a local directory, INDEX=/CONTROL= on another local directory"),
     Setup("index-only", "local", "index-only",
           "mail on a local directory, INDEX=/CONTROL= on an index-only mailfs mount"),
+    Setup("index-only-no-adopt", "local", "index-only-no-adopt",
+          "as index-only, without connection adoption and so without the lock mirror"),
     Setup("index-only-sync2", "local", "index-only-sync2",
           "as index-only, the mount replicating to a second node with sync durability"),
     Setup("sshfs", "sshfs", "with-mail", "Dovecot directly on sshfs"),
@@ -183,6 +186,8 @@ COMPARISONS = (
     Comparison("full", "local", {"*": 0.4}),
     Comparison("index-only", "local-index", {"maildir": 0.65, "sdbox": 0.75}),
     Comparison("index-only-sync2", "local-index", {}),
+    # What surviving a daemon crash costs: the lock mirror's writes (fs/lockmirror.py).
+    Comparison("index-only", "index-only-no-adopt", {}),
     Comparison("sshfs+index-only", "sshfs+local-index", {"*": 0.8}),
     Comparison("sshfs+index-only", "sshfs", {"*": 2.0}),
     Comparison("sshfs+local-index", "sshfs", {}),
@@ -232,9 +237,11 @@ class Side:
             return None
         if index == "local":
             return prepare_mail_root(self.root / "index")
-        if index == "index-only":
+        if index in ("index-only", "index-only-no-adopt"):
             mountpoint = prepare_mail_root(self.root / "mnt")  # the root shows its owner
-            self.mount = MailfsMount(None, mountpoint, self.root / "state", self.mount_args,
+            extra = ["-o", "adopt_connection=false"] if index == "index-only-no-adopt" else []
+            self.mount = MailfsMount(None, mountpoint, self.root / "state",
+                                     [*self.mount_args, *extra],
                                      log_path=self.root / "mailfs.log").start()
             return mountpoint
         (self.root / "cluster").mkdir()

@@ -27,9 +27,9 @@ def attrs(mtime_ns: int = 1_700_000_000_123_456_789) -> Attrs:
 def test_a_lock_comes_back_as_it_was(tmp_path: Path) -> None:
     mirror = LockMirror(tmp_path / "locks")
     assert mirror.open(keep=False) == []
-    mirror.saved(41, attrs(), [NAME])
+    mirror.saved(41, attrs(), 0, [NAME])
     mirror.wrote(41, 0, b"3 V1 N2 with a longer line", 1_700_000_001_000_000_007)
-    mirror.resized(41, 7, attrs(1_700_000_002_000_000_003), [NAME, (b"alice", b"x.lock")])
+    mirror.saved(41, attrs(1_700_000_002_000_000_003), 7, [NAME, (b"alice", b"x.lock")])
     mirror.wrote(41, 7, b"\n", 1_700_000_003_000_000_001)
     mirror.close()  # a crash: nothing more is written
 
@@ -44,13 +44,13 @@ def test_a_lock_comes_back_as_it_was(tmp_path: Path) -> None:
 def test_a_fresh_mount_and_a_clean_stop_leave_no_locks(tmp_path: Path) -> None:
     mirror = LockMirror(tmp_path / "locks")
     mirror.open(keep=False)
-    mirror.saved(7, attrs(), [NAME])
+    mirror.saved(7, attrs(), 0, [NAME])
     mirror.close()
     assert LockMirror(tmp_path / "locks").open(keep=False) == []
     assert os.listdir(tmp_path / "locks") == []
     again = LockMirror(tmp_path / "locks")
     again.open(keep=False)
-    again.saved(8, attrs(), [NAME])
+    again.saved(8, attrs(), 0, [NAME])
     again.remove()
     assert not (tmp_path / "locks").exists()
 
@@ -58,7 +58,7 @@ def test_a_fresh_mount_and_a_clean_stop_leave_no_locks(tmp_path: Path) -> None:
 def test_a_dropped_lock_is_gone(tmp_path: Path) -> None:
     mirror = LockMirror(tmp_path / "locks")
     mirror.open(keep=False)
-    mirror.saved(5, attrs(), [NAME])
+    mirror.saved(5, attrs(), 0, [NAME])
     mirror.wrote(5, 0, b"content", 1)
     mirror.dropped(5)
     assert LockMirror(tmp_path / "locks").open(keep=True) == []
@@ -70,7 +70,7 @@ def test_a_mirror_that_could_not_keep_up_is_never_served(
     could then rename over its uidlist: the whole lock is left out instead."""
     mirror = LockMirror(tmp_path / "locks")
     mirror.open(keep=False)
-    mirror.saved(9, attrs(), [NAME])
+    mirror.saved(9, attrs(), 0, [NAME])
     mirror.wrote(9, 0, b"first half ", 1)
     real_pwrite = os.pwrite
 
@@ -81,19 +81,59 @@ def test_a_mirror_that_could_not_keep_up_is_never_served(
     mirror.wrote(9, 11, b"second half", 2)
     monkeypatch.setattr(os, "pwrite", real_pwrite)
     mirror.wrote(9, 22, b" and more", 3)  # the lock goes on; its mirror does not
-    mirror.saved(9, attrs(), [NAME])
+    mirror.saved(9, attrs(), 33, [NAME])
     assert mirror.failures == 1
     mirror.close()
     assert LockMirror(tmp_path / "locks").open(keep=True) == []
 
 
+def test_slots_are_reused_and_hold_nothing_of_an_earlier_lock(tmp_path: Path) -> None:
+    """A new lock in a reused slot, grown by a sparse write or a truncate, reads zeros
+    where the earlier lock had content."""
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    for fid in range(100, 150):
+        mirror.saved(fid, attrs(), 0, [NAME])
+        mirror.wrote(fid, 0, b"old content of an earlier lock", 1)
+        mirror.dropped(fid)
+    assert os.listdir(tmp_path / "locks") == ["slot-0"]
+    mirror.saved(200, attrs(), 0, [NAME])
+    mirror.wrote(200, 4, b"new", 2)
+    mirror.saved(201, attrs(), 0, [(b"alice", b"other.lock")])
+    mirror.saved(201, attrs(), 6, [(b"alice", b"other.lock")])  # ftruncate to 6
+    mirror.close()
+
+    locks = {lock.fid: lock for lock in LockMirror(tmp_path / "locks").open(keep=True)}
+    assert bytes(locks[200].content) == b"\0\0\0\0new"
+    assert bytes(locks[201].content) == bytes(6)
+    assert sorted(os.listdir(tmp_path / "locks")) == ["slot-0", "slot-1"]
+
+
+def test_a_taken_back_slot_is_reused_after_its_lock_is_dropped(tmp_path: Path) -> None:
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(1, attrs(), 0, [NAME])
+    mirror.saved(2, attrs(), 0, [NAME])
+    mirror.dropped(1)
+    mirror.close()
+    adopting = LockMirror(tmp_path / "locks")
+    assert [lock.fid for lock in adopting.open(keep=True)] == [2]
+    adopting.dropped(2)
+    for fid in (3, 4, 5):
+        adopting.saved(fid, attrs(), 0, [NAME])
+    adopting.close()
+    assert sorted(os.listdir(tmp_path / "locks")) == ["slot-0", "slot-1", "slot-2"]
+    assert sorted(lock.fid for lock in LockMirror(tmp_path / "locks").open(keep=True)) == [
+        3, 4, 5]
+
+
 def test_a_damaged_entry_is_left_out(tmp_path: Path) -> None:
     mirror = LockMirror(tmp_path / "locks")
     mirror.open(keep=False)
-    mirror.saved(3, attrs(), [NAME])
-    mirror.saved(4, attrs(), [NAME])
+    mirror.saved(3, attrs(), 0, [NAME])
+    mirror.saved(4, attrs(), 0, [NAME])
     mirror.close()
-    with open(tmp_path / "locks" / "3", "r+b") as damaged:
+    with open(tmp_path / "locks" / "slot-0", "r+b") as damaged:
         damaged.seek(30)
         damaged.write(b"\xff")
     [lock] = LockMirror(tmp_path / "locks").open(keep=True)
@@ -103,13 +143,13 @@ def test_a_damaged_entry_is_left_out(tmp_path: Path) -> None:
 def test_names_and_attributes_survive_the_header_round_trip() -> None:
     names = [(b"", b"a.lock"), (b"alice/mail/.Sent", b"dovecot-uidlist.lock")]
     original = attrs()
-    decoded, decoded_names = decode_header(encode_header(original, names))
-    assert decoded_names == names
+    fid, decoded, decoded_names = decode_header(encode_header(12, original, 300, names))
+    assert (fid, decoded_names, decoded.size) == (12, names, 300)
     assert (decoded.mode, decoded.uid, decoded.gid, decoded.atime_ns, decoded.mtime_ns,
             decoded.ctime_ns) == (original.mode, original.uid, original.gid,
                                   original.atime_ns, original.mtime_ns, original.ctime_ns)
     with pytest.raises(ValueError):
-        decode_header(bytes(HEADER_SIZE))  # a file made, the crash before its header
+        decode_header(bytes(HEADER_SIZE))  # a free slot, or one made just before a crash
 
 
 def test_a_directory_someone_else_owns_is_refused(tmp_path: Path) -> None:

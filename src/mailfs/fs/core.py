@@ -1030,8 +1030,8 @@ class MailFS:
         if node is not None:
             self._maybe_release(node)
 
-    def _mirror_lock(self, volatile: VolatileFile, resized: bool = False) -> None:
-        """After a lock file's names, attributes or (`resized`) size changed."""
+    def _mirror_lock(self, volatile: VolatileFile) -> None:
+        """After a lock file's names, attributes or size changed."""
         mirror = self.lock_mirror
         if mirror is None:
             return
@@ -1042,10 +1042,7 @@ class MailFS:
             mirror.dropped(fid)
             return
         names = [key for key, known in self.volatile.items() if known is volatile]
-        if resized:
-            mirror.resized(fid, len(volatile.content), volatile.attrs, names)
-        else:
-            mirror.saved(fid, volatile.attrs, names)
+        mirror.saved(fid, volatile.attrs, len(volatile.content), names)
 
     async def rmdir(self, parent_inode: int, name: bytes) -> None:
         await self._changes_allowed()
@@ -1285,7 +1282,7 @@ class MailFS:
                 volatile.attrs.size = size
                 volatile.attrs.mtime_ns = time.time_ns()
             volatile.attrs = self._updated_attrs(volatile.attrs, attr, fields)
-            self._mirror_lock(volatile, resized=fields.update_size)
+            self._mirror_lock(volatile)
             return self._attrs_entry(node, volatile.attrs)
         handle = self.handles.get(fh) if fh is not None else None
         if handle is not None and handle.fd is None and node.kind is Kind.PASSTHROUGH:
@@ -1496,7 +1493,7 @@ class MailFS:
         if caller is not None:
             volatile.attrs.mode &= ~caller.truncate_clears(volatile.attrs.mode,
                                                            volatile.attrs.gid)
-        self._mirror_lock(volatile, resized=True)
+        self._mirror_lock(volatile)
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)
