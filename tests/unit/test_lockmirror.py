@@ -132,10 +132,14 @@ def test_a_damaged_entry_is_left_out(tmp_path: Path) -> None:
     mirror.open(keep=False)
     mirror.saved(3, attrs(), 0, [NAME])
     mirror.saved(4, attrs(), 0, [NAME])
+    mirror.saved(5, attrs(), 0, [NAME])
     mirror.close()
     with open(tmp_path / "locks" / "slot-0", "r+b") as damaged:
-        damaged.seek(30)
+        damaged.seek(30)  # inside the sealed body
         damaged.write(b"\xff")
+    with open(tmp_path / "locks" / "slot-2", "r+b") as damaged:
+        damaged.seek(8)  # the size, outside the seal
+        damaged.write((1 << 50).to_bytes(8, "little"))
     [lock] = LockMirror(tmp_path / "locks").open(keep=True)
     assert lock.fid == 4
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import xxhash
 
-from mailfs.cachemgr.records import Attrs
+from mailfs.cachemgr.records import MAX_RECORD, Attrs
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ def decode_header(header: bytes) -> tuple[int, Attrs, list[tuple[bytes, bytes]]]
         raise FreeSlot("free")
     if len(body) != length or xxhash.xxh3_64_intdigest(body) != checksum:
         raise ValueError("header checksum mismatch")
-    if not 0 <= size <= 1 << 40:
+    # The size sits outside the seal; a lock renamed over an index file must fit a record.
+    if not 0 <= size <= MAX_RECORD:
         raise ValueError(f"size {size} out of range")
     fid, mode, uid, gid, atime_ns, ctime_ns, count = BODY.unpack_from(body)
     names = []
@@ -275,7 +276,7 @@ class LockMirror:
             fid, attrs, names = decode_header(os.pread(fd, HEADER_SIZE, 0))
             if fid in self._slots:
                 raise ValueError(f"lock {fid} is in another slot too")
-            content = bytearray(os.pread(fd, attrs.size, HEADER_SIZE))
+            content = bytearray(os.pread(fd, min(attrs.size, slot.dirty_end), HEADER_SIZE))
         except (OSError, ValueError, struct.error) as exc:
             if not isinstance(exc, FreeSlot):
                 log.warning("lock file mirror %s unreadable (%s): left out", name, exc)
