@@ -11,6 +11,7 @@ import pytest
 from mailfs.cachemgr.records import Attrs
 from mailfs.fs.lockmirror import (
     HEADER_SIZE,
+    SHRINK_ABOVE,
     LockMirror,
     decode_header,
     encode_header,
@@ -125,6 +126,51 @@ def test_a_taken_back_slot_is_reused_after_its_lock_is_dropped(tmp_path: Path) -
     assert sorted(os.listdir(tmp_path / "locks")) == ["slot-0", "slot-1", "slot-2"]
     assert sorted(lock.fid for lock in LockMirror(tmp_path / "locks").open(keep=True)) == [
         3, 4, 5]
+
+
+def test_a_short_write_drops_the_mirror(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nearly full tmpfs may take part of a write: the slot must not claim the rest."""
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(1, attrs(), 0, [NAME])
+    mirror.wrote(1, 0, b"earlier lock, longer content", 1)
+    mirror.dropped(1)
+    mirror.saved(2, attrs(), 0, [NAME])
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite",
+                        lambda fd, data, offset: real_pwrite(fd, data[:len(data) // 2], offset))
+    mirror.wrote(2, 0, b"new content", 2)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    assert mirror.failures == 1
+    mirror.close()
+    assert LockMirror(tmp_path / "locks").open(keep=True) == []
+
+
+def test_a_large_lock_gives_its_room_back_when_dropped(tmp_path: Path) -> None:
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(1, attrs(), 0, [NAME])
+    mirror.wrote(1, 0, bytes(SHRINK_ABOVE + 1), 1)
+    mirror.dropped(1)
+    assert os.path.getsize(tmp_path / "locks" / "slot-0") == HEADER_SIZE
+    mirror.saved(2, attrs(), 0, [NAME])
+    mirror.saved(2, attrs(), 10, [NAME])
+    mirror.close()
+    [lock] = LockMirror(tmp_path / "locks").open(keep=True)
+    assert bytes(lock.content) == bytes(10)
+
+
+def test_files_that_are_no_slots_are_removed_and_the_rest_loads(tmp_path: Path) -> None:
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(6, attrs(), 0, [NAME])
+    mirror.close()
+    for stray in ("slot-\u00b2", "17", "slot-"):  # a digit int() refuses, the old format
+        (tmp_path / "locks" / stray).write_bytes(b"x")
+    [lock] = LockMirror(tmp_path / "locks").open(keep=True)
+    assert lock.fid == 6
+    assert os.listdir(tmp_path / "locks") == ["slot-0"]
 
 
 def test_a_damaged_entry_is_left_out(tmp_path: Path) -> None:

@@ -1115,9 +1115,11 @@ class MailFS:
         del self.volatile[(src_path, old_name)]
         self.volatile[(dst_path, new_name)] = volatile
         volatile.attrs.ctime_ns = time.time_ns()
-        self._mirror_lock(volatile)
+        # The replaced lock's mirror first: a crash between the two must not leave both
+        # claiming the name.
         if replaced is not None:
             self._volatile_lost_link(replaced)
+        self._mirror_lock(volatile)
 
     def _promote(self, src_path: bytes, old_name: bytes, dst_path: bytes, new_name: bytes,
                  noreplace: bool) -> None:

@@ -216,6 +216,8 @@ class IndexOnlyFS(MailFS):
         self.table.nodes[inode] = node
         for key in names:
             self.volatile[key] = node.volatile
+        if len(names) != len(lock.names):
+            self._mirror_lock(node.volatile)  # or the next crash brings the lost names back
         self.adopted_locks += 1
         log.info("took back lock file %s of the crashed daemon",
                  os.fsdecode(b"/".join(part for part in names[0] if part)))

@@ -50,6 +50,7 @@ NAME = struct.Struct("<HH")  # lengths of a name's directory path and of the nam
 BODY_START = STATE.size + SEAL.size
 FREE = bytes(BODY_START)
 SLOT_PREFIX = "slot-"
+SHRINK_ABOVE = 64 * 1024  # content bytes a free slot keeps
 
 
 class FreeSlot(ValueError):
@@ -72,6 +73,13 @@ class Slot:
     dirty_end: int = 0  # content bytes an earlier lock may have left, up to here
 
 
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite, failing on a short write: a slot must never claim bytes it does not hold."""
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(f"short write ({written} of {len(data)} bytes)")
+
+
 def mirror_directory(run_dir: Path, state_dir: Path) -> Path:
     """One directory per state dir: adoption is per state dir."""
     tag = hashlib.sha256(os.fsencode(os.path.realpath(state_dir))).hexdigest()[:16]
@@ -80,10 +88,13 @@ def mirror_directory(run_dir: Path, state_dir: Path) -> Path:
 
 def encode_header(fid: int, attrs: Attrs, size: int,
                   names: list[tuple[bytes, bytes]]) -> bytes:
-    body = bytearray(BODY.pack(fid, attrs.mode, attrs.uid, attrs.gid, attrs.atime_ns,
-                               attrs.ctime_ns, len(names)))
-    for dirpath, name in names:
-        body += NAME.pack(len(dirpath), len(name)) + dirpath + name
+    try:
+        body = bytearray(BODY.pack(fid, attrs.mode, attrs.uid, attrs.gid, attrs.atime_ns,
+                                   attrs.ctime_ns, len(names)))
+        for dirpath, name in names:
+            body += NAME.pack(len(dirpath), len(name)) + dirpath + name
+    except struct.error as exc:
+        raise OSError(f"lock not mirrorable: {exc}") from exc
     header = (STATE.pack(attrs.mtime_ns, size)
               + SEAL.pack(xxhash.xxh3_64_intdigest(body), len(body)) + body)
     if len(header) > HEADER_SIZE:
@@ -165,7 +176,7 @@ class LockMirror:
             slot = self._slot(fid)
             if size > slot.size:
                 self._zero_leftovers(slot, slot.size, size)
-            os.pwrite(slot.fd, encode_header(fid, attrs, size, list(names)), 0)
+            write_all(slot.fd, encode_header(fid, attrs, size, list(names)), 0)
             slot.size = size
         except OSError as exc:
             self._lost(fid, exc)
@@ -178,10 +189,10 @@ class LockMirror:
         try:
             if offset > slot.size:
                 self._zero_leftovers(slot, slot.size, offset)
-            os.pwrite(slot.fd, data, HEADER_SIZE + offset)
+            slot.dirty_end = max(slot.dirty_end, end)  # before: a short write fails it
+            write_all(slot.fd, data, HEADER_SIZE + offset)
             slot.size = max(slot.size, end)
-            slot.dirty_end = max(slot.dirty_end, end)
-            os.pwrite(slot.fd, STATE.pack(mtime_ns, slot.size), 0)
+            write_all(slot.fd, STATE.pack(mtime_ns, slot.size), 0)
         except OSError as exc:
             self._lost(fid, exc)
 
@@ -210,22 +221,29 @@ class LockMirror:
 
     def _free_slot(self, slot: Slot) -> None:
         try:
-            os.pwrite(slot.fd, FREE, 0)
-        except OSError as exc:
+            write_all(slot.fd, FREE, 0)
+            if slot.dirty_end > SHRINK_ABOVE:
+                # A large lock's bytes would otherwise hold RAM (a tmpfs) until a clean stop.
+                os.ftruncate(slot.fd, HEADER_SIZE)
+                slot.dirty_end = 0
+        except OSError:
             # Not reused, and removed: it may still hold the lock that has just gone.
             with contextlib.suppress(OSError):
                 os.close(slot.fd)
-            try:
-                os.unlink(self.directory / slot.name)
-            except FileNotFoundError:
-                pass
-            except OSError as unlink_exc:
-                log.error("cannot free lock mirror %s (%s, %s): a daemon adopting this mount "
-                          "after a crash may take back a lock that was gone", slot.name, exc,
-                          unlink_exc)
+            self._forget(slot.name)
             return
         slot.size = 0
         self._free.append(slot)
+
+    def _forget(self, name: str) -> None:
+        """Remove a slot that cannot be freed or read."""
+        try:
+            os.unlink(self.directory / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove lock mirror %s (%s): a daemon adopting this mount after "
+                      "a crash may take back a lock that was gone", name, exc)
 
     @staticmethod
     def _zero_leftovers(slot: Slot, start: int, end: int) -> None:
@@ -233,7 +251,7 @@ class LockMirror:
         zeros, not as what an earlier lock in this slot left."""
         end = min(end, slot.dirty_end)
         if start < end:
-            os.pwrite(slot.fd, bytes(end - start), HEADER_SIZE + start)
+            write_all(slot.fd, bytes(end - start), HEADER_SIZE + start)
 
     def _lost(self, fid: int, exc: OSError) -> None:
         self.failures += 1
@@ -251,7 +269,7 @@ class LockMirror:
         locks = []
         for entry in os.scandir(self.directory):
             number = entry.name.removeprefix(SLOT_PREFIX)
-            if not number.isdigit() or entry.name == number:
+            if not (number.isascii() and number.isdigit()) or entry.name == number:
                 log.warning("%s in the lock mirror is no slot: removed", entry.name)
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
@@ -261,6 +279,7 @@ class LockMirror:
                 fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 log.warning("lock file mirror %s unreadable (%s): left out", entry.name, exc)
+                self._forget(entry.name)
                 continue
             lock = self._loaded(entry.name, fd)
             if lock is not None:
@@ -273,6 +292,12 @@ class LockMirror:
         slot = Slot(name, fd)
         try:
             slot.dirty_end = max(0, os.fstat(fd).st_size - HEADER_SIZE)
+        except OSError as exc:
+            log.warning("lock file mirror %s unreadable (%s): left out", name, exc)
+            os.close(fd)
+            self._forget(name)  # not reusable without knowing what it holds
+            return None
+        try:
             fid, attrs, names = decode_header(os.pread(fd, HEADER_SIZE, 0))
             if fid in self._slots:
                 raise ValueError(f"lock {fid} is in another slot too")
