@@ -189,7 +189,8 @@ class LockMirror:
         try:
             if offset > slot.size:
                 self._zero_leftovers(slot, slot.size, offset)
-            slot.dirty_end = max(slot.dirty_end, end)  # before: a short write fails it
+            # Raised first: a write that fails part-way has still left bytes there.
+            slot.dirty_end = max(slot.dirty_end, end)
             write_all(slot.fd, data, HEADER_SIZE + offset)
             slot.size = max(slot.size, end)
             write_all(slot.fd, STATE.pack(mtime_ns, slot.size), 0)
