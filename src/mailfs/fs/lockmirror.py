@@ -272,32 +272,27 @@ class LockMirror:
             number = entry.name.removeprefix(SLOT_PREFIX)
             if not (number.isascii() and number.isdigit()) or entry.name == number:
                 log.warning("%s in the lock mirror is no slot: removed", entry.name)
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
+                self._forget(entry.name)
                 continue
             self._slot_count = max(self._slot_count, int(number) + 1)
             try:
-                fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC)
+                # The private directory's entry: its size is what the slot holds.
+                file_size = entry.stat(follow_symlinks=False).st_size
+                fd = os.open(entry.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as exc:
                 log.warning("lock file mirror %s unreadable (%s): left out", entry.name, exc)
-                self._forget(entry.name)
+                self._forget(entry.name)  # not reusable without knowing what it holds
                 continue
-            lock = self._loaded(entry.name, fd)
+            slot = Slot(entry.name, fd, dirty_end=max(0, file_size - HEADER_SIZE))
+            lock = self._loaded(slot)
             if lock is not None:
                 locks.append(lock)
         return locks
 
-    def _loaded(self, name: str, fd: int) -> MirroredLock | None:
+    def _loaded(self, slot: Slot) -> MirroredLock | None:
         """The lock in a slot, which is now that lock's; None for a free or damaged slot,
         which is freed."""
-        slot = Slot(name, fd)
-        try:
-            slot.dirty_end = max(0, os.fstat(fd).st_size - HEADER_SIZE)
-        except OSError as exc:
-            log.warning("lock file mirror %s unreadable (%s): left out", name, exc)
-            os.close(fd)
-            self._forget(name)  # not reusable without knowing what it holds
-            return None
+        fd, name = slot.fd, slot.name
         try:
             fid, attrs, names = decode_header(os.pread(fd, HEADER_SIZE, 0))
             if fid in self._slots:
