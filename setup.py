@@ -24,9 +24,10 @@ setup(
     ext_modules=[
         Extension(
             "mailfs.fs.session._fuse_caps",
-            sources=["src/mailfs/fs/session/fuse_caps.c"],
+            sources=["src/mailfs/fs/session/fuse_caps.c",
+                     "src/mailfs/fs/session/fuse_replies.c"],
             include_dirs=fuse3_include_dirs(),
-            libraries=["dl"],
+            libraries=["dl", "pthread"],
         )
     ]
 )

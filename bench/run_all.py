@@ -126,9 +126,12 @@ def system_cpu() -> tuple[float, float]:
 class Setup:
     name: str
     mail: str  # local | sshfs | full (mailfs over a local dir) | full-sshfs (mailfs over sshfs)
-    index: str  # with-mail (Dovecot's default) | local | index-only | index-only-no-adopt
-    #             | index-only-sync2
+    index: str  # with-mail (Dovecot's default) | local | index-only | index-only-sync2
     description: str
+    options: tuple[str, ...] = ()  # mailfs config keys set on the mount (-o KEY=VALUE)
+
+    def mount_args(self, common: list[str]) -> list[str]:
+        return [*common, *(arg for option in self.options for arg in ("-o", option))]
 
     @property
     def on_sshfs(self) -> bool:
@@ -143,12 +146,15 @@ SETUPS = {setup.name: setup for setup in (
     Setup("local", "local", "with-mail", "Dovecot on a local directory"),
     Setup("full", "full", "with-mail",
           "the whole mail_location on a mailfs full overlay over a local directory"),
+    Setup("full-no-reply-thread", "full", "with-mail",
+          "as full, each reply written on the request thread", ("reply_thread=false",)),
     Setup("local-index", "local", "local",
           "mail on a local directory, INDEX=/CONTROL= on another local directory"),
     Setup("index-only", "local", "index-only",
           "mail on a local directory, INDEX=/CONTROL= on an index-only mailfs mount"),
-    Setup("index-only-no-adopt", "local", "index-only-no-adopt",
-          "as index-only, without connection adoption and so without the lock mirror"),
+    Setup("index-only-no-adopt", "local", "index-only",
+          "as index-only, without connection adoption and so without the lock mirror",
+          ("adopt_connection=false",)),
     Setup("index-only-sync2", "local", "index-only-sync2",
           "as index-only, the mount replicating to a second node with sync durability"),
     Setup("sshfs", "sshfs", "with-mail", "Dovecot directly on sshfs"),
@@ -188,6 +194,8 @@ COMPARISONS = (
     Comparison("index-only-sync2", "local-index", {}),
     # What surviving a daemon crash costs: the lock mirror's writes (fs/lockmirror.py).
     Comparison("index-only", "index-only-no-adopt", {}),
+    # What writing replies from a thread of their own gives (fs/session/fuse_replies.c).
+    Comparison("full", "full-no-reply-thread", {}),
     Comparison("sshfs+index-only", "sshfs+local-index", {"*": 0.8}),
     Comparison("sshfs+index-only", "sshfs", {"*": 2.0}),
     Comparison("sshfs+local-index", "sshfs", {}),
@@ -227,7 +235,8 @@ class Side:
             return prepare_mail_root(base / "mail")
         backing = prepare_mail_root(base / "backing")
         mountpoint = prepare_mail_root(self.root / "mnt")
-        self.mount = MailfsMount(backing, mountpoint, self.root / "state", self.mount_args,
+        self.mount = MailfsMount(backing, mountpoint, self.root / "state",
+                                 self.setup.mount_args(self.mount_args),
                                  log_path=self.root / "mailfs.log").start()
         return mountpoint
 
@@ -237,11 +246,10 @@ class Side:
             return None
         if index == "local":
             return prepare_mail_root(self.root / "index")
-        if index in ("index-only", "index-only-no-adopt"):
+        if index == "index-only":
             mountpoint = prepare_mail_root(self.root / "mnt")  # the root shows its owner
-            extra = ["-o", "adopt_connection=false"] if index == "index-only-no-adopt" else []
             self.mount = MailfsMount(None, mountpoint, self.root / "state",
-                                     [*self.mount_args, *extra],
+                                     self.setup.mount_args(self.mount_args),
                                      log_path=self.root / "mailfs.log").start()
             return mountpoint
         (self.root / "cluster").mkdir()
