@@ -24,10 +24,9 @@ setup(
     ext_modules=[
         Extension(
             "mailfs.fs.session._fuse_caps",
-            sources=["src/mailfs/fs/session/fuse_caps.c",
-                     "src/mailfs/fs/session/fuse_replies.c"],
+            sources=["src/mailfs/fs/session/fuse_caps.c"],
             include_dirs=fuse3_include_dirs(),
-            libraries=["dl", "pthread"],
+            libraries=["dl"],
         )
     ]
 )

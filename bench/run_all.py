@@ -146,8 +146,6 @@ SETUPS = {setup.name: setup for setup in (
     Setup("local", "local", "with-mail", "Dovecot on a local directory"),
     Setup("full", "full", "with-mail",
           "the whole mail_location on a mailfs full overlay over a local directory"),
-    Setup("full-no-reply-thread", "full", "with-mail",
-          "as full, each reply written on the request thread", ("reply_thread=false",)),
     Setup("local-index", "local", "local",
           "mail on a local directory, INDEX=/CONTROL= on another local directory"),
     Setup("index-only", "local", "index-only",
@@ -194,8 +192,6 @@ COMPARISONS = (
     Comparison("index-only-sync2", "local-index", {}),
     # What surviving a daemon crash costs: the lock mirror's writes (fs/lockmirror.py).
     Comparison("index-only", "index-only-no-adopt", {}),
-    # What writing replies from a thread of their own gives (fs/session/fuse_replies.c).
-    Comparison("full", "full-no-reply-thread", {}),
     Comparison("sshfs+index-only", "sshfs+local-index", {"*": 0.8}),
     Comparison("sshfs+index-only", "sshfs", {"*": 2.0}),
     Comparison("sshfs+local-index", "sshfs", {}),

@@ -36,8 +36,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ setup.py -nt "$STAMP" ] \
-        || [ src/mailfs/fs/session/fuse_caps.c -nt "$STAMP" ] \
-        || [ src/mailfs/fs/session/fuse_replies.c -nt "$STAMP" ]; then
+        || [ src/mailfs/fs/session/fuse_caps.c -nt "$STAMP" ]; then
     echo "setup: installing mailfs into $VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test,dev]'

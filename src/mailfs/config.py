@@ -105,9 +105,6 @@ class Config:
     # kernel itself, and a passthrough file whose size or mtime changed at open is not
     # served from the page cache, so the default is off.
     auto_inval_data: bool = False
-    # Replies to the kernel are written by a thread of their own (fs/session/fuse_replies.c),
-    # off the one Python thread that serves every request.
-    reply_thread: bool = True
     backing_threads: int = 16
     backing_timeout: float = 60.0
     # Whether the backing store keeps a file's inode number for the file's life (NFS,
@@ -180,8 +177,7 @@ SECTIONS: dict[str, dict[str, str]] = {
               "allow_other": "bool", "import_on_access": "bool",
               "crash_hold": "seconds", "crash_fence": "bool", "adopt_connection": "bool"},
     "cache": {"ram_budget": "size", "lmdb_map_size": "size", "index_timeout": "seconds",
-              "passthrough_timeout": "seconds", "auto_inval_data": "bool",
-              "reply_thread": "bool"},
+              "passthrough_timeout": "seconds", "auto_inval_data": "bool"},
     "commit": {"interval": "seconds", "max_pending": "size", "full_disk_wait": "seconds"},
     "backing": {"threads": "count", "timeout": "seconds", "inodes": "choice",
                 "calls": "choice"},

@@ -221,7 +221,6 @@ class Daemon:
             "invalidations": self.fs.invalidator.sent,
             "passthrough_invalidations": self.fs.passthrough_invalidator.sent,
             "fuse_session": session.status(),
-            "replies": session.reply_status(),
             "request_waits": {"fast": self.fast_waits, **dispatch.waits.status()},
             "crash_hold": {"seconds": self.config.crash_hold, "fence": self.config.crash_fence,
                            "keeper_pid": self.keeper.pid if self.keeper else None,
@@ -355,7 +354,6 @@ class Daemon:
                      "index-only" if self.index_only else f"over {self.config.backing}")
             self.fast_waits = dispatch.install()
             await pyfuse3.main()
-            session.drain_replies()
             nursery.cancel_scope.cancel()
         with trio.CancelScope(shield=True):
             await self.store.commit()
@@ -507,9 +505,6 @@ def mount_options(config: Config) -> set[str]:
 
 
 def choose_fuse_capabilities(config: Config) -> None:
-    problem = session.offload_replies(config.reply_thread)
-    if problem is not None and config.reply_thread:
-        log.warning("replies are written on the request thread: %s", problem)
     if config.auto_inval_data:
         return
     problem = session.clear(session.AUTO_INVAL_DATA)

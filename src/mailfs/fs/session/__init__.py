@@ -30,13 +30,6 @@ NOTIFY_RESEND = struct.pack("<IiQ", 16, 7, 0)
 INIT_REQUEST_MAX = 256
 
 
-class _ReplyStats(ctypes.Structure):
-    _fields_ = [("queued", ctypes.c_uint64), ("sent", ctypes.c_uint64),
-                ("failed", ctypes.c_uint64), ("direct", ctypes.c_uint64),
-                ("wakeups", ctypes.c_uint64), ("barriers", ctypes.c_uint64),
-                ("max_backlog", ctypes.c_uint64), ("running", ctypes.c_int)]
-
-
 class _Caps(ctypes.Structure):
     _fields_ = [("interposed", ctypes.c_int), ("init_seen", ctypes.c_int),
                 ("capable", ctypes.c_uint), ("want", ctypes.c_uint),
@@ -80,12 +73,9 @@ def load() -> None:
     if fh_appending is not None:
         fh_appending.restype = ctypes.c_uint64
     if (fh_appending is None or fh_appending() != FH_APPENDING
-            or getattr(library, "mailfs_replay_init", None) is None
-            or getattr(library, "mailfs_replies_offload", None) is None):
+            or getattr(library, "mailfs_replay_init", None) is None):
         _problem = f"{path.name} is from another version of mailfs (reinstall it)"
         return
-    library.mailfs_replies_offload.argtypes = [ctypes.c_int]
-    library.mailfs_replies_status.restype = ctypes.POINTER(_ReplyStats)
     library.mailfs_init_request.restype = ctypes.c_size_t
     library.mailfs_init_request.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     _library = library
@@ -100,30 +90,6 @@ def clear(flags: int) -> str | None:
         return _problem or "not loaded"
     _library.mailfs_fuse_caps_clear(flags)
     return None
-
-
-def offload_replies(on: bool) -> str | None:
-    """Send replies from the library's own thread (fuse_replies.c) or, when off, on the
-    thread that made them; why that cannot be, or None."""
-    if _library is None:
-        return _problem or "not loaded"
-    _library.mailfs_replies_offload(1 if on else 0)
-    return None
-
-
-def drain_replies() -> None:
-    """Write out the replies still queued, and stop the sender until the next reply."""
-    if _library is not None:
-        _library.mailfs_replies_drain()
-
-
-def reply_status() -> dict[str, Any]:
-    if _library is None:
-        return {"thread": False}
-    stats = _library.mailfs_replies_status().contents
-    return {"thread": bool(stats.running), "queued": stats.queued, "sent": stats.sent,
-            "failed": stats.failed, "direct": stats.direct, "wakeups": stats.wakeups,
-            "barriers": stats.barriers, "max_backlog": stats.max_backlog}
 
 
 def status() -> dict[str, Any]:
