@@ -128,7 +128,8 @@ class Setup:
     mail: str  # local | sshfs | full (mailfs over a local dir) | full-sshfs (mailfs over sshfs)
     index: str  # with-mail (Dovecot's default) | local | index-only | index-only-sync2
     description: str
-    options: tuple[str, ...] = ()  # mailfs config keys set on the mount (-o KEY=VALUE)
+    # mailfs config keys (-o KEY=VALUE) for the single mount of the setup, as --mailfs-arg
+    options: tuple[str, ...] = ()
 
     def mount_args(self, common: list[str]) -> list[str]:
         return [*common, *(arg for option in self.options for arg in ("-o", option))]
