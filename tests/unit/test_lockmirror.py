@@ -214,3 +214,18 @@ def test_each_state_dir_has_its_own_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert mirror_directory(run, tmp_path / "a") != mirror_directory(run, tmp_path / "b")
     assert mirror_directory(run, tmp_path / "a").parent == run
+
+
+def test_a_lock_cut_short_and_written_past_its_end_reads_zeros_between(
+        tmp_path: Path) -> None:
+    """Dovecot truncates a lock and writes again: the bytes the truncate cut off must not
+    come back in the gap a later write leaves."""
+    mirror = LockMirror(tmp_path / "locks")
+    mirror.open(keep=False)
+    mirror.saved(3, attrs(), 0, [NAME])
+    mirror.wrote(3, 0, b"0123456789abcdef", 1)
+    mirror.saved(3, attrs(), 4, [NAME])  # ftruncate to 4
+    mirror.wrote(3, 8, b"XY", 2)
+    mirror.close()
+    [lock] = LockMirror(tmp_path / "locks").open(keep=True)
+    assert bytes(lock.content) == b"0123\0\0\0\0XY"
